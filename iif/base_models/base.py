@@ -1,0 +1,49 @@
+"""The frozen pretrained model that every method fine-tunes or guides."""
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from iif.schedule import VPSchedule
+
+Tensor = torch.Tensor
+
+
+class BaseModel(nn.Module, abc.ABC):
+    """A frozen noise-prediction model on a VP-SDE.
+
+    Subclasses implement :meth:`eps`. Everything else (score, Tweedie) follows from the schedule:
+    ``s(x, t) = -eps(x, t) / v(t)`` and ``x0_hat = (x_t - v(t) eps) / m(t)`` (METHODS.md §0.2).
+
+    Attributes:
+        provides: capabilities a method may require (e.g. ``"per_step_kernels"``).
+        sample_shape: shape of one sample, e.g. ``(2,)``.
+    """
+
+    provides: ClassVar[frozenset[str]] = frozenset({"per_step_kernels"})
+
+    def __init__(self, schedule: VPSchedule, sample_shape: tuple[int, ...]):
+        super().__init__()
+        self.schedule = schedule
+        self.sample_shape = tuple(sample_shape)
+
+    @abc.abstractmethod
+    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+        """Noise prediction ``eps_theta(x_t, t)``: ``x [B, *shape]``, ``t [B]`` in ``(0, 1]`` -> ``[B, *shape]``."""
+
+    def prepare(self) -> None:
+        """Load or train whatever the model needs (called once, after the config was validated)."""
+
+    def x0_hat(self, x: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """Tweedie estimate ``(x_t - v(t) eps) / m(t)`` with ``t [B]``."""
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        m = self.schedule.m(t.to(torch.float64)).to(x.dtype).view(shape)
+        v = self.schedule.v(t.to(torch.float64)).to(x.dtype).view(shape)
+        return (x - v * eps) / m
+
+    def prior_sample(self, n: int) -> Tensor:
+        """``x_T ~ N(0, I)``: ``[n, *shape]`` (global torch RNG)."""
+        return torch.randn(n, *self.sample_shape)

@@ -1,0 +1,1 @@
+"""Replay buffers (config group ``buffer``)."""

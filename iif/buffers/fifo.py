@@ -1,0 +1,46 @@
+"""``fifo``: the paper's replay buffer of accepted endpoints (METHODS.md §5)."""
+from __future__ import annotations
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class FIFOBuffer:
+    """Fixed-capacity first-in-first-out buffer of samples ``x_0``; uniform minibatches.
+
+    Args:
+        capacity: ``B_max``, the most samples kept (the oldest are dropped first).
+        prefill: how many base-model samples to put in before the first iteration (0: none).
+    """
+
+    def __init__(self, capacity: int = 8192, prefill: int = 4096):
+        if capacity < 1:
+            raise ValueError(f"buffer.capacity must be >= 1, got {capacity}")
+        if not 0 <= prefill <= capacity:
+            raise ValueError(f"buffer.prefill must lie in [0, capacity={capacity}], got {prefill}")
+        self.capacity, self.prefill = int(capacity), int(prefill)
+        self.data: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.data is None else self.data.shape[0]
+
+    def add(self, x: Tensor) -> None:
+        """Append ``x [n, *shape]`` and drop the oldest beyond ``capacity``."""
+        x = x.detach().cpu()
+        self.data = x.clone() if self.data is None else torch.cat([self.data, x])
+        if len(self) > self.capacity:
+            self.data = self.data[-self.capacity:].clone()
+
+    def sample(self, batch_size: int) -> Tensor:
+        """Uniform minibatch ``[batch_size, *shape]`` (with replacement)."""
+        if len(self) == 0:
+            raise RuntimeError("the replay buffer is empty: nothing was accepted and no prefill was configured "
+                               "(set buffer.prefill > 0 or raise the acceptance rate)")
+        return self.data[torch.randint(len(self), (batch_size,))]
+
+    def state_dict(self) -> dict:
+        return {"data": self.data}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.data = state["data"]

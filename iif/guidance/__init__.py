@@ -1,0 +1,4 @@
+"""h-transform parametrisations (config group ``guidance``)."""
+from iif.guidance.base import Guidance
+
+__all__ = ["Guidance"]

@@ -1,0 +1,48 @@
+"""``wandb``: Weights & Biases, offline by default (no account, no network)."""
+from __future__ import annotations
+
+import os
+
+
+class WandbLogger:
+    """Logs the resolved config, scalars per iteration and figures to a W&B run inside the run directory.
+
+    A resumed run (same run directory) continues the same W&B run: its id is stored in the checkpoint.
+
+    Args:
+        mode: ``offline`` (default; ``wandb sync`` uploads later), ``online`` or ``disabled``.
+        project, entity, group, tags: W&B run fields (group defaults to the experiment's name).
+    """
+
+    MODES = ("offline", "online", "disabled")
+
+    def __init__(self, mode: str = "offline", project: str = "iif", entity: str | None = None,
+                 group: str | None = None, tags: list[str] | None = None):
+        if mode not in self.MODES:
+            raise ValueError(f"logger.mode must be one of {self.MODES}, got '{mode}'")
+        self.mode, self.project, self.entity = mode, project, entity
+        self.group, self.tags = group, list(tags or [])
+        self.run = None
+        self.run_id: str | None = None
+
+    def start(self, run_dir: str, config: dict, name: str, group: str, run_id: str | None = None) -> None:
+        import wandb
+
+        self.run = wandb.init(
+            mode=self.mode, project=self.project, entity=self.entity, group=self.group or group,
+            tags=self.tags, name=name, config=config, dir=os.fspath(run_dir), id=run_id, resume="allow",
+        )
+        self.run_id = self.run.id
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def log_figure(self, key: str, fig, step: int) -> None:
+        import wandb
+
+        self.run.log({key: wandb.Image(fig)}, step=step)
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None

@@ -1,0 +1,169 @@
+"""``iif``: Iterative Importance Fine-tuning (Algorithm 1; METHODS.md §3–6). ``reward_only`` is this method
+with the path Radon–Nikodym term switched off (``use_rnd=false``)."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import torch
+
+from iif.importance import relaxed_rejection, solve_log_c
+from iif.methods.base import Method
+
+Tensor = torch.Tensor
+
+
+class PiecewiseConstant:
+    """``values[j]`` for iterations in ``[boundaries[j-1], boundaries[j])``: e.g. an acceptance schedule."""
+
+    def __init__(self, values: Sequence[float], boundaries: Sequence[int] = ()):
+        values, boundaries = list(values), list(boundaries)
+        if len(values) != len(boundaries) + 1:
+            raise ValueError(f"a schedule with {len(boundaries)} boundaries needs {len(boundaries) + 1} values, "
+                             f"got {len(values)}")
+        if boundaries != sorted(boundaries):
+            raise ValueError(f"schedule boundaries must increase, got {boundaries}")
+        self.values, self.boundaries = values, boundaries
+
+    def __call__(self, iteration: int) -> float:
+        return self.values[sum(iteration >= b for b in self.boundaries)]
+
+
+class IIF(Method):
+    """Iterative Importance Fine-tuning.
+
+    Each :meth:`fit_step` is one outer iteration ``k`` of Algorithm 1:
+
+    1. draw ``N`` trajectories of the guided chain ``P^{h_k}``, accumulating ``log RND = log dP^0/dP^{h_k}``;
+    2. importance weights ``log w = r(x_0)/lambda + log RND``            ([IIF 11–13]; reward-only: ``r/lambda``);
+    3. relaxed rejection ``alpha = min(1, w/c)`` with ``c`` solving ``mean alpha = rho_k`` exactly  ([IIF 14]);
+    4. push the accepted ``x_0`` into the FIFO buffer;
+    5. ``M`` Adam steps on ``L_FT(h) = E ||v(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``            ([IIF 15])
+       ``+ gamma_KL * E[ beta(t)/2 ||h(x_t,t)||^2 ]`` (single-time KL regulariser, [IIF 17]),
+       ``x_0 ~ buffer``, ``t ~ U(t_min, 1)``, ``x_t = m(t) x_0 + v(t) eps``.
+
+    Args:
+        n_samples: ``N`` trajectories per iteration.
+        acceptance: ``rho_k`` schedule (values in ``(0, 1]``).
+        grad_steps: ``M`` optimiser steps per iteration; batch_size: ``b``.
+        optimizer: a partially-applied ``torch.optim`` class (Hydra ``_partial_``).
+        kl_weight: ``gamma_KL`` (0: off).
+        use_rnd: include the path RND in the weights (False: the reward-only ablation).
+        t_min: smallest training time.
+        ema_decay: if > 0, sample with an exponential moving average of the guidance weights.
+    """
+
+    def __init__(self, base, reward, sampler, guidance, buffer, *, n_samples: int = 2048,
+                 acceptance: PiecewiseConstant | float = 0.3, grad_steps: int = 100, batch_size: int = 512,
+                 optimizer=None, kl_weight: float = 0.0, use_rnd: bool = True, t_min: float = 1e-3,
+                 ema_decay: float = 0.0):
+        super().__init__(base, reward, sampler, guidance, buffer)
+        for name, val in dict(n_samples=n_samples, grad_steps=grad_steps, batch_size=batch_size).items():
+            if val < 1:
+                raise ValueError(f"method.{name} must be >= 1, got {val}")
+        if kl_weight < 0:
+            raise ValueError(f"method.kl_weight must be >= 0, got {kl_weight}")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"method.ema_decay must lie in [0, 1), got {ema_decay}")
+        self.acceptance = acceptance if callable(acceptance) else PiecewiseConstant([acceptance])
+        for rho in self.acceptance.values:
+            if not 0 < rho <= 1:
+                raise ValueError(f"method.acceptance must lie in (0, 1], got {rho}")
+        self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
+        self.kl_weight, self.use_rnd, self.t_min = kl_weight, use_rnd, t_min
+        self.optimizer = (optimizer or torch.optim.Adam)(self.guidance.parameters())
+        self.ema_decay = ema_decay
+        self.ema = None
+        if ema_decay > 0:
+            self.ema = {k: v.detach().clone() for k, v in self.guidance.state_dict().items()}
+
+    # ------------------------------------------------------------------ algorithm
+    def setup(self) -> None:
+        if self.buffer.prefill > 0:  # toy: the buffer starts with samples of the pretrained model [V-paper]
+            self.buffer.add(self.sampler.sample(self.base, None, self.buffer.prefill).x0)
+
+    def fit_step(self, iteration: int) -> dict[str, float]:
+        rho = self.acceptance(iteration)
+        # 1. on-policy trajectories with the on-the-fly log-RND (no gradients)
+        with self._sampling_weights():
+            traj = self.sampler.sample(self.base, self.guidance, self.n_samples, accumulate_rnd=self.use_rnd)
+        # 2. importance weights
+        log_r = self.reward.log_tilt(traj.x0)
+        log_w = log_r + traj.log_rnd if self.use_rnd else log_r.to(torch.float64)
+        # 3. relaxed rejection with the adaptive constant
+        log_c = solve_log_c(log_w, rho)
+        keep = relaxed_rejection(log_w, log_c)
+        # 4. replay buffer
+        self.buffer.add(traj.x0[keep])
+        # 5. supervised h-transform update
+        losses = []
+        for _ in range(self.grad_steps):
+            loss = self.loss(self.buffer.sample(self.batch_size))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self._update_ema()
+            losses.append(loss.item())
+        w = torch.softmax(log_w, 0)
+        return {
+            "accept_rate": keep.double().mean().item(), "target_accept_rate": rho, "log_c": log_c,
+            "ess_frac": (1.0 / (w ** 2).sum() / len(w)).item(), "frac_w_above_c": (log_w > log_c).double().mean().item(),
+            "log_rnd_mean": traj.log_rnd.mean().item(), "batch_reward_mean": self.reward(traj.x0).mean().item(),
+            "loss": sum(losses) / len(losses), "buffer_size": len(self.buffer),
+            "base_nfe": traj.nfe * self.n_samples + 2 * self.grad_steps * self.batch_size,
+        }
+
+    def loss(self, x0: Tensor) -> Tensor:
+        """``L_FT`` (+ ``gamma_KL R_KL``) on a buffer minibatch ``x0 [b, D]``; differentiates ``h`` only."""
+        sched = self.base.schedule
+        t = self.t_min + (1 - self.t_min) * torch.rand(x0.shape[0])
+        t64 = t.to(torch.float64)
+        m, v = sched.m(t64).float()[:, None], sched.v(t64).float()[:, None]
+        eps = torch.randn_like(x0)
+        xt = m * x0 + v * eps
+        with torch.no_grad():
+            e_base = self.base.eps(xt, t)
+            x0_hat = self.base.x0_hat(xt, t, e_base)
+        h = self.guidance(xt, t, x0_hat)
+        # v (s_theta + h) + eps  with  v s_theta = -eps_theta
+        sm = ((eps - e_base + v * h) ** 2).sum(-1).mean()
+        if self.kl_weight == 0:
+            return sm
+        kl = (0.5 * sched.beta(t64).float() * (h ** 2).sum(-1)).mean()
+        return sm + self.kl_weight * kl
+
+    # ------------------------------------------------------------------ EMA of the guidance weights
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        with torch.no_grad():
+            for k, v in self.guidance.state_dict().items():
+                self.ema[k].lerp_(v, 1 - self.ema_decay)
+
+    @contextlib.contextmanager
+    def _sampling_weights(self):
+        """Context in which the guidance holds the weights used for sampling (the EMA weights if enabled)."""
+        if self.ema is None:
+            yield
+            return
+        saved = {k: v.clone() for k, v in self.guidance.state_dict().items()}
+        self.guidance.load_state_dict(self.ema)
+        try:
+            yield
+        finally:
+            self.guidance.load_state_dict(saved)
+
+    def sample(self, n: int):
+        with self._sampling_weights():
+            return super().sample(n)
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {"guidance": self.guidance.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "buffer": self.buffer.state_dict(), "ema": self.ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.guidance.load_state_dict(state["guidance"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.ema = state["ema"]

@@ -1,0 +1,42 @@
+"""Small networks shared by base models and guidance."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iif.schedule import timestep_embedding
+
+Tensor = torch.Tensor
+
+
+class TimeMLP(nn.Module):
+    """``MLP([inputs, emb(t)])`` with SiLU activations.
+
+    Args:
+        in_dim: width of the (concatenated) input without the time embedding.
+        out_dim: output width.
+        hidden: hidden width; layers: number of hidden layers.
+        t_dim: width of the sinusoidal time embedding.
+        zero_init: zero the last layer, so the network is identically 0 at initialisation.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, layers: int = 3, t_dim: int = 32,
+                 zero_init: bool = False):
+        super().__init__()
+        if in_dim < 0 or min(out_dim, hidden, layers, t_dim) < 1:
+            raise ValueError("TimeMLP sizes must be positive")
+        self.t_dim = t_dim
+        dims = [in_dim + t_dim] + [hidden] * layers
+        blocks: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            blocks += [nn.Linear(a, b), nn.SiLU()]
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(dims[-1], out_dim)
+        if zero_init:
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        """``x [B, in_dim]``, ``t [B]`` -> ``[B, out_dim]``."""
+        emb = timestep_embedding(t, self.t_dim).to(x.dtype)
+        return self.head(self.body(torch.cat([x, emb], dim=-1)))

@@ -1,0 +1,39 @@
+"""``gmm``: the toy reward ``r(x) = log q(x)``, the log-density of a Gaussian mixture (METHODS.md §8.1)."""
+from __future__ import annotations
+
+import torch
+
+from iif.gmm import GMM
+from iif.rewards.base import Reward
+
+Tensor = torch.Tensor
+
+
+class GMMReward(Reward):
+    """``r(x) = log q(x)`` with ``q = sum_j w_j N(mu_j, var I)``.
+
+    Args:
+        means: ``[J, D]`` component means.
+        weights: ``[J]`` (normalised).
+        var: isotropic component variance.
+        temperature: ``lambda``.
+    """
+
+    def __init__(self, means, weights, var: float = 1.0, temperature: float = 1.0, name: str = "gmm"):
+        super().__init__(temperature=temperature, name=name)
+        self.gmm = GMM.isotropic(means, weights, var=var)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.gmm.log_prob(x).to(x.dtype)
+
+    def grad_log_tilt(self, x: Tensor) -> Tensor:
+        """Closed form ``grad log q(x) / lambda`` (the score of the mixture)."""
+        if not self.differentiable:
+            raise TypeError(f"reward '{self.name}' is not differentiable")
+        return (self.gmm.score(x) / self.temperature).to(x.dtype)
+
+
+class BlackBoxGMMReward(GMMReward):
+    """``gmm_blackbox``: the same reward queried by value only, as a black-box reward would be."""
+
+    differentiable = False

@@ -1,0 +1,31 @@
+"""Sampler outputs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Trajectory:
+    """What one run of a (guided) sampler returns.
+
+    Attributes:
+        x0: ``[B, *shape]`` final samples.
+        log_rnd: ``[B]`` float64, ``log dP^0/dP^h`` of each path (METHODS.md §2.3), accumulated during sampling;
+            0 for the unguided sampler.
+        control_cost: ``[B]`` float64, ``sum_t ||Delta_t||^2 / (2 sigma_t^2)``: the path KL integrand of the
+            stochastic-control loss (§1.2); ``E[control_cost] = KL(P^h || P^0)``.
+        states: ``[N+1, B, *shape]`` ``x_N, ..., x_0`` if asked for, else None.
+        noises: ``[N, B, *shape]`` the ``z_t`` used at each step if asked for, else None.
+        nfe: network evaluations of the base model per sample.
+    """
+
+    x0: Tensor
+    log_rnd: Tensor
+    control_cost: Tensor
+    states: Tensor | None = None
+    noises: Tensor | None = None
+    nfe: int = 0

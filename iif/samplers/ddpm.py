@@ -1,0 +1,99 @@
+"""``ddpm``: ancestral sampling of the (guided) reverse chain with the path log-RND accumulated on the fly."""
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from iif.base_models.base import BaseModel
+from iif.guidance.base import Guidance
+from iif.samplers.base import Trajectory
+from iif.utils import progress_enabled
+
+Tensor = torch.Tensor
+
+
+def log_rnd_increment(delta: Tensor, z: Tensor, sigma: float | Tensor) -> Tensor:
+    """``log p^0(x'|x) - log p^h(x'|x)`` for ``x' = mu^0 + Delta + sigma z`` (METHODS.md §2.3, [IIF 32–43]).
+
+    ``= -||Delta||^2 / (2 sigma^2) - <Delta, z> / sigma``, summed over all data dimensions, in float64.
+
+    Args:
+        delta: ``[B, *shape]`` mean shift ``mu^h - mu^0``.
+        z: ``[B, *shape]`` the standard normal draw of the step.
+        sigma: the step's standard deviation (> 0).
+    Returns:
+        ``[B]`` float64.
+    """
+    d = delta.to(torch.float64).flatten(1)
+    zz = z.to(torch.float64).flatten(1)
+    return -(d ** 2).sum(1) / (2 * sigma ** 2) - (d * zz).sum(1) / sigma
+
+
+class DDPMSampler:
+    """Ancestral DDPM sampler (METHODS.md §0.2, §2.3–2.4, Algorithm 1 step 1).
+
+    For ``t = N..1``, with ``eps = eps_theta(x_t, t)`` and ``h = h(x_t, t)`` in score units:
+
+    1. ``mu^0_t = (x_t - beta_t / sqrt(1 - alphabar_t) * eps) / sqrt(alpha_t)``  (base mean)
+    2. ``Delta_t = beta_t / sqrt(alpha_t) * h``                                  (guidance shift)
+    3. ``x_{t-1} = mu^0_t + Delta_t + sigma_t z_t``, ``sigma_t^2 = beta_t``, ``z_t ~ N(0, I)``
+    4. ``log RND -= ||Delta_t||^2 / (2 sigma_t^2) + <Delta_t, z_t> / sigma_t``    ([IIF 44])
+
+    ``sigma_t^2 = beta_t`` on every step, the last included, so every kernel is non-degenerate and the RND is
+    finite (METHODS.md §2.4 option (a)). One base evaluation per step; nothing else is evaluated for the RND.
+
+    Args:
+        n_steps: number of steps N on the grid ``t_k = k / N`` of the base's VP-SDE.
+    """
+
+    def __init__(self, n_steps: int = 100):
+        if n_steps < 1:
+            raise ValueError(f"sampler.n_steps must be >= 1, got {n_steps}")
+        self.n_steps = int(n_steps)
+
+    @torch.no_grad()
+    def sample(self, base: BaseModel, guidance: Guidance | None, n: int, *, keep_states: bool = False,
+               accumulate_rnd: bool = True, progress: bool = False) -> Trajectory:
+        """Draw ``n`` trajectories of the chain guided by ``guidance`` (``None``: the base chain).
+
+        Randomness comes from the global torch RNG (seeded and checkpointed by the training loop).
+        """
+        if n < 1:
+            raise ValueError(f"number of samples must be >= 1, got {n}")
+        sched = base.schedule.discretise(self.n_steps)
+        x = base.prior_sample(n)
+        log_rnd = torch.zeros(n, dtype=torch.float64)
+        control_cost = torch.zeros(n, dtype=torch.float64)
+        states = [x] if keep_states else None
+        noises = [] if keep_states else None
+        steps = range(self.n_steps, 0, -1)
+        for k in tqdm(steps, desc="sampling", leave=False, disable=not (progress and progress_enabled())):
+            t = torch.full((n,), float(sched.t[k]), dtype=x.dtype)
+            alpha, beta, abar = float(sched.alpha[k]), float(sched.beta[k]), float(sched.alphabar[k])
+            sigma = beta ** 0.5
+            eps = base.eps(x, t)
+            # 1. base mean
+            mu0 = (x - beta / (1 - abar) ** 0.5 * eps) / alpha ** 0.5
+            z = torch.randn_like(x)
+            if guidance is None:
+                x = mu0 + sigma * z
+            else:
+                # 2. guidance shift from h(x_t, t), which sees the base's Tweedie estimate
+                h = guidance(x, t, base.x0_hat(x, t, eps))
+                delta = beta / alpha ** 0.5 * h
+                # 3. step
+                x = mu0 + delta + sigma * z
+                # 4. path log-RND and control cost, float64
+                if accumulate_rnd:
+                    inc = log_rnd_increment(delta, z, sigma)
+                    quad = (delta.to(torch.float64).flatten(1) ** 2).sum(1) / (2 * beta)
+                    log_rnd += inc
+                    control_cost += quad
+            if keep_states:
+                states.append(x)
+                noises.append(z)
+        return Trajectory(
+            x0=x, log_rnd=log_rnd, control_cost=control_cost,
+            states=torch.stack(states) if keep_states else None,
+            noises=torch.stack(noises) if keep_states else None, nfe=self.n_steps,
+        )

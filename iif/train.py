@@ -1,0 +1,244 @@
+"""``iif-train``: one fine-tuning run, configured by Hydra (``conf/``).
+
+Reads top to bottom: compose → validate → seed → build → resume if a checkpoint exists → loop (method step, log,
+evaluate, checkpoint) → final evaluation → ``metrics.json``, figure.
+
+    iif-train experiment=toy2d method=iif
+    iif-train -m experiment=toy2d method=iif,reward_only seed=0,1,2
+"""
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
+from tqdm.auto import trange
+
+from iif.plotting import toy_figure
+from iif.utils import ConfigError, atomic_torch_save, atomic_write_text, progress_enabled
+
+log = logging.getLogger("iif.train")
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "iif-checkpoint-v1"
+# which config group provides each capability a component may require
+PROVIDERS = {"differentiable_reward": "reward", "per_step_kernels": "base_model"}
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+def apply_debug_overrides(cfg: DictConfig) -> None:
+    """``debug=fast`` lists dotted keys; each is applied where the composed config has it."""
+    for key, value in ((cfg.get("debug") or {}).get("overrides") or {}).items():
+        if OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
+            OmegaConf.update(cfg, key, value, merge=False)
+
+
+def check_pairing(cfg: DictConfig, choices: dict[str, str]) -> None:
+    """Fail before any compute if a component needs a capability another component does not provide."""
+    reward_cls, base_cls = get_class(cfg.reward._target_), get_class(cfg.base_model._target_)
+    provided = set(base_cls.provides) | ({"differentiable_reward"} if reward_cls.differentiable else set())
+    method_cls = get_class(cfg.method._target_)
+    needers = [("method", method_cls.requires)]
+    if method_cls.uses_guidance:
+        needers.append(("guidance", get_class(cfg.guidance._target_).requires))
+    for group, needs in needers:
+        for need in sorted(set(needs) - provided):
+            provider = PROVIDERS.get(need, "?")
+            raise ConfigError(
+                f"{group} '{choices.get(group, '?')}' needs {need.replace('_', ' ')}, which {provider} "
+                f"'{choices.get(provider, '?')}' does not provide; choose another {provider} or {group}")
+
+
+def check_sizes(cfg: DictConfig) -> None:
+    for key in ("iterations", "checkpoint_every", "eval_every"):
+        if cfg[key] < (1 if key == "checkpoint_every" else 0):
+            raise ConfigError(f"{key} must be {'>= 1' if key == 'checkpoint_every' else '>= 0'}, got {cfg[key]}")
+
+
+@dataclass
+class Components:
+    base: object
+    reward: object
+    method: object
+    target: object
+    evaluator: object
+    prior: object
+
+
+def build(cfg: DictConfig) -> Components:
+    """Instantiate every component from its ``_target_`` (cheap: no pretraining, no sampling)."""
+    schedule = instantiate(cfg.schedule)
+    prior = instantiate(cfg.prior)
+    base = instantiate(cfg.base_model, prior=prior, schedule=schedule)
+    reward = instantiate(cfg.reward)
+    guidance = instantiate(cfg.guidance, dim=prior.dim, reward=reward)
+    sampler = instantiate(cfg.sampler)
+    buffer = instantiate(cfg.buffer)
+    method = instantiate(cfg.method, base=base, reward=reward, sampler=sampler, guidance=guidance, buffer=buffer)
+    target = instantiate(cfg.target, prior=prior, reward=reward)
+    evaluator = instantiate(cfg.evaluation)
+    return Components(base, reward, method, target, evaluator, prior)
+
+
+def cleanup_failed_start(run_dir: Path) -> None:
+    """Remove what this run created in ``run_dir`` if it failed before doing anything (no checkpoint)."""
+    if (run_dir / CHECKPOINT).exists():
+        return
+    for name in (".hydra", "train.log", "config.yaml"):
+        p = run_dir / name
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
+    if run_dir.exists() and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run_dir: Path, comp: Components, iteration: int, wall_s: float, run_id: str | None,
+                    method_name: str) -> None:
+    atomic_torch_save({
+        "format": CHECKPOINT_FORMAT, "method": method_name, "iteration": iteration, "wall_s": wall_s,
+        "wandb_run_id": run_id, "rng": torch.get_rng_state(), "state": comp.method.state_dict(),
+    }, run_dir / CHECKPOINT)
+
+
+def load_checkpoint(path: Path, method_name: str) -> dict:
+    try:
+        ckpt = torch.load(path, weights_only=True)
+    except Exception as e:  # truncated, foreign or unsafe file
+        raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Move it away to start afresh.")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"{path} is not an iif checkpoint ({CHECKPOINT_FORMAT}); move it away to start afresh")
+    if ckpt["method"] != method_name:
+        raise ConfigError(f"{path} was written by method '{ckpt['method']}', this run is method '{method_name}'")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def peak_mem_mb() -> float:
+    """Peak resident memory of this process (CPU), or peak allocated CUDA memory when on a GPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def evaluate(comp: Components) -> tuple[dict, torch.Tensor]:
+    return comp.evaluator(comp.method, comp.target)
+
+
+def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict:
+    """Run (or resume) one run in ``run_dir``; returns the final metrics."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    method_name = choices.get("method", cfg.method._target_)
+    try:  # ---- 1. validate and build: everything here is cheap, errors name the cause
+        apply_debug_overrides(cfg)
+        check_sizes(cfg)
+        check_pairing(cfg, choices)
+        torch.manual_seed(cfg.seed)
+        comp = build(cfg)
+        ckpt_path = run_dir / CHECKPOINT
+        ckpt = load_checkpoint(ckpt_path, method_name) if ckpt_path.exists() else None
+    except Exception:
+        cleanup_failed_start(run_dir)
+        raise
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    comp.base.prepare()  # may pretrain (cached)
+
+    start, wall_s, run_id = 0, 0.0, None
+    if ckpt is not None:  # ---- 2. resume
+        comp.method.load_state_dict(ckpt["state"])
+        torch.set_rng_state(ckpt["rng"])
+        start, wall_s, run_id = ckpt["iteration"], ckpt["wall_s"], ckpt["wandb_run_id"]
+        log.info("resuming %s from iteration %d", run_dir, start)
+    metrics_log = run_dir / "metrics.jsonl"
+    kept = [l for l in metrics_log.read_text().splitlines() if json.loads(l)["iteration"] <= start] \
+        if metrics_log.exists() else []
+    atomic_write_text(metrics_log, "".join(l + "\n" for l in kept))
+
+    exp = choices.get("experiment", "run")
+    logger = instantiate(cfg.logger)
+    logger.start(run_dir, resolved, name=f"{exp}-{method_name}-{choices.get('base_model', '')}-s{cfg.seed}",
+                 group=exp, run_id=run_id)
+    log.info("run %s: method=%s base_model=%s, %d iterations, %s", run_dir, method_name,
+             choices.get("base_model"), cfg.iterations, _derived(cfg))
+    exit_code = 1
+    try:
+        if ckpt is None:
+            t0 = time.perf_counter()
+            comp.method.setup()
+            wall_s += time.perf_counter() - t0
+            save_checkpoint(run_dir, comp, 0, wall_s, logger.run_id, method_name)
+        # ---- 3. the loop
+        with metrics_log.open("a") as f:
+            for it in trange(start, cfg.iterations, desc=f"{method_name}", initial=start, total=cfg.iterations,
+                             disable=not progress_enabled()):
+                t0 = time.perf_counter()
+                row = comp.method.fit_step(it)
+                wall_s += time.perf_counter() - t0
+                row = {"iteration": it + 1, "wall_s": wall_s, **row}
+                if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
+                    row.update(evaluate(comp)[0])
+                f.write(json.dumps(row) + "\n")
+                f.flush()
+                logger.log(row, step=it + 1)
+                if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
+                    save_checkpoint(run_dir, comp, it + 1, wall_s, logger.run_id, method_name)
+        # ---- 4. final evaluation
+        final, samples = evaluate(comp)
+        final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), iterations=cfg.iterations, seed=cfg.seed,
+                     method=method_name, base_model=choices.get("base_model"), experiment=exp)
+        atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            prior_samples = comp.prior.sample(4000)
+        fig = toy_figure({method_name: samples}, comp.target, prior_samples)
+        fig.savefig(run_dir / "samples.png", dpi=110)
+        logger.log({k: v for k, v in final.items() if isinstance(v, (int, float))}, step=cfg.iterations)
+        logger.log_figure("samples", fig, step=cfg.iterations)
+        log.info("final metrics: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()})
+        exit_code = 0
+        return final
+    finally:
+        logger.finish(exit_code)
+
+
+def _derived(cfg: DictConfig) -> str:
+    """The derived sizes a user wants to see (nanoGPT style)."""
+    m = cfg.method
+    if "n_samples" not in m:
+        return "no training"
+    rho = m.acceptance["values"] if "acceptance" in m else ["-"]
+    return (f"{m.n_samples} trajectories x {cfg.sampler.n_steps} steps per iteration, acceptance {list(rho)}, "
+            f"{m.grad_steps} gradient steps of batch {m.batch_size} per iteration")
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    hc = HydraConfig.get()
+    try:
+        final = train(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
+    except ConfigError as e:
+        print(f"iif-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return final.get("mode_tv")
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
