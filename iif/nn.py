@@ -18,14 +18,15 @@ class TimeMLP(nn.Module):
         hidden: hidden width; layers: number of hidden layers.
         t_dim: width of the sinusoidal time embedding.
         zero_init: zero the last layer, so the network is identically 0 at initialisation.
+        t_scale: highest angular frequency of the time embedding (per unit of ``t in [0, 1]``).
     """
 
     def __init__(self, in_dim: int, out_dim: int, hidden: int = 128, layers: int = 3, t_dim: int = 32,
-                 zero_init: bool = False):
+                 zero_init: bool = False, t_scale: float = 1000.0):
         super().__init__()
         if in_dim < 0 or min(out_dim, hidden, layers, t_dim) < 1:
             raise ValueError("TimeMLP sizes must be positive")
-        self.t_dim = t_dim
+        self.t_dim, self.t_scale = t_dim, t_scale
         dims = [in_dim + t_dim] + [hidden] * layers
         blocks: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -38,5 +39,5 @@ class TimeMLP(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         """``x [B, in_dim]``, ``t [B]`` -> ``[B, out_dim]``."""
-        emb = timestep_embedding(t, self.t_dim).to(x.dtype)
+        emb = timestep_embedding(t, self.t_dim, scale=self.t_scale).to(x.dtype)
         return self.head(self.body(torch.cat([x, emb], dim=-1)))

@@ -71,9 +71,12 @@ class VPSchedule:
         return f"VPSchedule(beta_min={self.beta_min}, beta_max={self.beta_max})"
 
 
-def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal embedding of continuous times ``t [B] in [0, 1]`` -> ``[B, dim]`` (scaled by 1000 like DDPM)."""
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of continuous times ``t [B] in [0, 1]`` -> ``[B, dim]``.
+
+    Frequencies ``scale * max_period^(-i / (dim/2))``; ``scale = 1000`` is DDPM's (integer steps).
+    """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]
+    args = scale * t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)

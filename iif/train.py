@@ -35,11 +35,30 @@ CHECKPOINT_FORMAT = "iif-checkpoint-v1"
 PROVIDERS = {"differentiable_reward": "reward", "per_step_kernels": "base_model"}
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
 # ---------------------------------------------------------------------------------------------- start-up
-def apply_debug_overrides(cfg: DictConfig) -> None:
-    """``debug=fast`` lists dotted keys; each is applied where the composed config has it."""
+def compose(overrides: list[str] = ()) -> tuple[DictConfig, dict[str, str]]:
+    """Compose the config as ``iif-train`` would (for scripts and tests): returns (config, chosen options)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    apply_debug_overrides(cfg, overrides)
+    return cfg, choices
+
+
+def apply_debug_overrides(cfg: DictConfig, cli_overrides: list[str] = ()) -> None:
+    """``debug=fast`` lists dotted keys; each is applied where the composed config has it and the command line
+    did not set it (the user's overrides win)."""
+    user_keys = {o.split("=", 1)[0].lstrip("+~") for o in cli_overrides}
     for key, value in ((cfg.get("debug") or {}).get("overrides") or {}).items():
-        if OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
+        if key not in user_keys and OmegaConf.select(cfg, key, default="__missing__") != "__missing__":
             OmegaConf.update(cfg, key, value, merge=False)
 
 
@@ -143,7 +162,6 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
     run_dir.mkdir(parents=True, exist_ok=True)
     method_name = choices.get("method", cfg.method._target_)
     try:  # ---- 1. validate and build: everything here is cheap, errors name the cause
-        apply_debug_overrides(cfg)
         check_sizes(cfg)
         check_pairing(cfg, choices)
         torch.manual_seed(cfg.seed)
@@ -200,6 +218,7 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         final, samples = evaluate(comp)
         final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), iterations=cfg.iterations, seed=cfg.seed,
                      method=method_name, base_model=choices.get("base_model"), experiment=exp)
+        atomic_torch_save(samples[:4000].clone(), run_dir / "samples.pt")
         atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -228,6 +247,7 @@ def _derived(cfg: DictConfig) -> str:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
+    apply_debug_overrides(cfg, list(hc.overrides.task))
     try:
         final = train(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
     except ConfigError as e:

@@ -21,16 +21,18 @@ class RewardInformedGuidance(Guidance):
         dim: data dimension D.
         reward: the (differentiable) reward.
         hidden, layers, t_dim: size of NN1; NN2 is a 2-layer MLP of the time embedding.
+        t_scale: highest frequency of the time embedding (see ``iif.nn.TimeMLP``).
     """
 
     requires = frozenset({"differentiable_reward"})
 
     def __init__(self, dim: int, reward: Reward, hidden: int = 128, layers: int = 3, t_dim: int = 32,
-                 nn2_hidden: int = 64):
+                 nn2_hidden: int = 64, t_scale: float = 1000.0):
         super().__init__()
         self.reward = reward
-        self.nn1 = TimeMLP(3 * dim, dim, hidden=hidden, layers=layers, t_dim=t_dim, zero_init=True)
-        self.nn2 = TimeMLP(0, 1, hidden=nn2_hidden, layers=2, t_dim=t_dim, zero_init=True)
+        self.nn1 = TimeMLP(3 * dim, dim, hidden=hidden, layers=layers, t_dim=t_dim, zero_init=True,
+                            t_scale=t_scale)
+        self.nn2 = TimeMLP(0, 1, hidden=nn2_hidden, layers=2, t_dim=t_dim, zero_init=True, t_scale=t_scale)
 
     def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
         grad_r = self.reward.grad_log_tilt(x0_hat).to(x.dtype)  # [B, D], no graph

@@ -9,6 +9,7 @@ import torch
 
 from iif.importance import relaxed_rejection, solve_log_c
 from iif.methods.base import Method
+from iif.time_sampling import UniformTime
 
 Tensor = torch.Tensor
 
@@ -40,23 +41,25 @@ class IIF(Method):
     4. push the accepted ``x_0`` into the FIFO buffer;
     5. ``M`` Adam steps on ``L_FT(h) = E ||v(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``            ([IIF 15])
        ``+ gamma_KL * E[ beta(t)/2 ||h(x_t,t)||^2 ]`` (single-time KL regulariser, [IIF 17]),
-       ``x_0 ~ buffer``, ``t ~ U(t_min, 1)``, ``x_t = m(t) x_0 + v(t) eps``.
+       ``x_0 ~ buffer``, ``t ~ time_sampler``, ``x_t = m(t) x_0 + v(t) eps``.
 
     Args:
         n_samples: ``N`` trajectories per iteration.
         acceptance: ``rho_k`` schedule (values in ``(0, 1]``).
         grad_steps: ``M`` optimiser steps per iteration; batch_size: ``b``.
         optimizer: a partially-applied ``torch.optim`` class (Hydra ``_partial_``).
+        iterations, lr_final_factor: the learning rate decays by a cosine over ``iterations * grad_steps`` steps
+            to ``lr_final_factor`` times its initial value (1: constant).
         kl_weight: ``gamma_KL`` (0: off).
         use_rnd: include the path RND in the weights (False: the reward-only ablation).
-        t_min: smallest training time.
+        time_sampler: draws the training times (default ``t ~ U(1e-3, 1)``; see ``iif.time_sampling``).
         ema_decay: if > 0, sample with an exponential moving average of the guidance weights.
     """
 
     def __init__(self, base, reward, sampler, guidance, buffer, *, n_samples: int = 2048,
                  acceptance: PiecewiseConstant | float = 0.3, grad_steps: int = 100, batch_size: int = 512,
-                 optimizer=None, kl_weight: float = 0.0, use_rnd: bool = True, t_min: float = 1e-3,
-                 ema_decay: float = 0.0):
+                 optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, kl_weight: float = 0.0,
+                 use_rnd: bool = True, time_sampler=None, ema_decay: float = 0.0):
         super().__init__(base, reward, sampler, guidance, buffer)
         for name, val in dict(n_samples=n_samples, grad_steps=grad_steps, batch_size=batch_size).items():
             if val < 1:
@@ -70,8 +73,14 @@ class IIF(Method):
             if not 0 < rho <= 1:
                 raise ValueError(f"method.acceptance must lie in (0, 1], got {rho}")
         self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
-        self.kl_weight, self.use_rnd, self.t_min = kl_weight, use_rnd, t_min
+        self.kl_weight, self.use_rnd = kl_weight, use_rnd
+        self.time_sampler = time_sampler or UniformTime()
         self.optimizer = (optimizer or torch.optim.Adam)(self.guidance.parameters())
+        if iterations < 1 or not 0 < lr_final_factor <= 1:
+            raise ValueError(f"need iterations >= 1 and lr_final_factor in (0, 1], got {iterations}, {lr_final_factor}")
+        lr0 = self.optimizer.param_groups[0]["lr"]
+        self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=iterations * grad_steps, eta_min=lr0 * lr_final_factor)
         self.ema_decay = ema_decay
         self.ema = None
         if ema_decay > 0:
@@ -102,6 +111,7 @@ class IIF(Method):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            self.lr_schedule.step()
             self._update_ema()
             losses.append(loss.item())
         w = torch.softmax(log_w, 0)
@@ -109,14 +119,14 @@ class IIF(Method):
             "accept_rate": keep.double().mean().item(), "target_accept_rate": rho, "log_c": log_c,
             "ess_frac": (1.0 / (w ** 2).sum() / len(w)).item(), "frac_w_above_c": (log_w > log_c).double().mean().item(),
             "log_rnd_mean": traj.log_rnd.mean().item(), "batch_reward_mean": self.reward(traj.x0).mean().item(),
-            "loss": sum(losses) / len(losses), "buffer_size": len(self.buffer),
-            "base_nfe": traj.nfe * self.n_samples + 2 * self.grad_steps * self.batch_size,
+            "loss": sum(losses) / len(losses), "buffer_size": len(self.buffer), "lr": self.lr_schedule.get_last_lr()[0],
+            "base_nfe": traj.nfe * self.n_samples + self.grad_steps * self.batch_size,
         }
 
     def loss(self, x0: Tensor) -> Tensor:
         """``L_FT`` (+ ``gamma_KL R_KL``) on a buffer minibatch ``x0 [b, D]``; differentiates ``h`` only."""
         sched = self.base.schedule
-        t = self.t_min + (1 - self.t_min) * torch.rand(x0.shape[0])
+        t = self.time_sampler(x0.shape[0], sched)
         t64 = t.to(torch.float64)
         m, v = sched.m(t64).float()[:, None], sched.v(t64).float()[:, None]
         eps = torch.randn_like(x0)
@@ -160,10 +170,11 @@ class IIF(Method):
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
         return {"guidance": self.guidance.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "buffer": self.buffer.state_dict(), "ema": self.ema}
+                "lr_schedule": self.lr_schedule.state_dict(), "buffer": self.buffer.state_dict(), "ema": self.ema}
 
     def load_state_dict(self, state: dict) -> None:
         self.guidance.load_state_dict(state["guidance"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.buffer.load_state_dict(state["buffer"])
         self.ema = state["ema"]

@@ -1,0 +1,114 @@
+"""``iif-reproduce ARTIFACT``: run the sweep of ``experiments/ARTIFACT/spec.yaml`` through Hydra, aggregate the run
+directories (mean ± standard error over seeds) into ``outputs/ARTIFACT/table.md|csv`` and ``figure.png``, and
+check the paper's qualitative claims.
+
+    iif-reproduce figure1                  # the 2D toy, CPU scale
+    iif-reproduce figure1 --seeds 0        # quicker
+    iif-reproduce figure1 -- iterations=20 # extra Hydra overrides for every run
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from iif.table import aggregate, load_runs, write_tables
+
+ROOT = Path(__file__).resolve().parent.parent
+EXPERIMENTS = ROOT / "experiments"
+
+
+def load_spec(name: str):
+    path = EXPERIMENTS / name / "spec.yaml"
+    if not path.exists():
+        known = sorted(p.parent.name for p in EXPERIMENTS.glob("*/spec.yaml"))
+        raise SystemExit(f"iif-reproduce: error: unknown artifact '{name}'; known: {', '.join(known)}")
+    return OmegaConf.load(path)
+
+
+def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str]) -> None:
+    cmd = [sys.executable, "-m", "iif.train", "-m", f"experiment={spec.experiment}",
+           f"method={','.join(spec.methods)}", f"seed={','.join(map(str, seeds))}",
+           *spec.overrides, *spec.scales[scale], *extra,
+           f"hydra.sweep.dir={runs_dir}", "hydra.sweep.subdir=${hydra:runtime.choices.method}_seed${seed}"]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def check_claims(spec, rows: list[dict]) -> list[str]:
+    """Evaluate each claim's expression on ``{metric: {method: mean}}``; lines ``PASS/FAIL claim (numbers)``."""
+    table = {m: {r["method"]: r[m] for r in rows if m in r} for m in spec.metrics}
+    out = []
+    for check in spec.checks:
+        try:
+            ok = bool(eval(check.expr, {"__builtins__": {}}, table))  # expressions come from the repo's spec
+            verdict = "PASS" if ok else "FAIL"
+        except KeyError as e:
+            verdict = f"SKIP (no {e} row)"
+        nums = ", ".join(f"{m}[{k}]={v:.4g}" for m, d in table.items() if m in check.expr for k, v in d.items()
+                         if f"'{k}'" in check.expr)
+        out.append(f"{verdict}: {check.claim} — {check.expr} ({nums})")
+    return out
+
+
+def make_figure(spec, rows: list[dict], out_dir: Path) -> None:
+    from iif.plotting import toy_figure
+    from iif.train import build, compose
+
+    cfg, _ = compose([f"experiment={spec.experiment}", *spec.overrides, "logger=none"])
+    comp = build(cfg)
+    panels = {}
+    for r in rows:
+        runs = sorted(Path(d) for d in r["run_dirs"])
+        panels[r["method"]] = torch.load(runs[0] / "samples.pt", weights_only=True)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        prior = comp.prior.sample(4000)
+    fig = toy_figure(panels, comp.target, prior)
+    fig.savefig(out_dir / "figure.png", dpi=130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="iif-reproduce", description=__doc__.split("\n\n")[0])
+    p.add_argument("artifact", help="folder name under experiments/, e.g. figure1")
+    p.add_argument("--scale", default="ci", help="ci (CPU minutes) or paper (published sizes)")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
+    p.add_argument("--out", default=None, help="output folder (default outputs/ARTIFACT)")
+    p.add_argument("--skip-runs", action="store_true", help="only aggregate existing run directories")
+    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
+    args = p.parse_args(argv)
+
+    spec = load_spec(args.artifact)
+    if args.scale not in spec.scales:
+        p.error(f"unknown scale '{args.scale}'; the spec has {list(spec.scales)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec.seeds)
+    out_dir = Path(args.out or Path("outputs") / spec.name)
+    runs_dir = out_dir / "runs"
+    t0 = time.perf_counter()
+    if not args.skip_runs:
+        run_sweep(spec, args.scale, seeds, runs_dir.resolve(), list(args.overrides))
+    runs = [r for r in load_runs(runs_dir) if r["method"] in spec.methods and r["seed"] in seeds]
+    if not runs:
+        raise SystemExit(f"iif-reproduce: error: no finished runs under {runs_dir}")
+    metrics = list(spec.metrics)
+    rows = aggregate(runs, "method", metrics, order=list(spec.methods))
+    for r in rows:
+        r["run_dirs"] = [x["run_dir"] for x in runs if x["method"] == r["method"]]
+    md = write_tables(rows, "method", metrics, out_dir)
+    make_figure(spec, rows, out_dir)
+    lines = check_claims(spec, rows)
+    report = (f"# {spec.title}\n\nscale={args.scale}, seeds={seeds}, mean ± standard error over seeds\n\n{md}\n"
+              + "\n".join(lines) + "\n")
+    (out_dir / "table.md").write_text(report)
+    print("\n" + report)
+    print(f"wrote {out_dir}/table.md, table.csv, figure.png in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
