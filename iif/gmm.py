@@ -44,7 +44,7 @@ class GMM:
         """Mixture with covariance ``var * I`` for every component (equal weights if ``weights`` is None)."""
         means = torch.as_tensor(means, dtype=torch.float64)
         k, d = means.shape
-        weights = torch.ones(k) if weights is None else torch.as_tensor(weights)
+        weights = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
         if len(weights) != k:
             raise ValueError(f"{len(weights)} weights for {k} means")
         return cls(weights, means, var * torch.eye(d, dtype=torch.float64).expand(k, d, d).clone())

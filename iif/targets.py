@@ -61,6 +61,33 @@ class TiltedGMMTarget:
         log_f = self.reward.gmm.log_prob(x.reshape(-1, d)).reshape(x.shape[:2]) / self.lam
         return torch.logsumexp(log_wts[None] + log_f, dim=1)
 
+    def _mode_proposal(self, i: int):
+        """Rejection sampler of ``N(mu_i, Sigma_i) q^p`` (``p = 1/lambda``): (proposal, log acceptance ratio, log rate).
+
+        ``p >= 1``: by Jensen ``q^p = (sum_j w_j N_j)^p <= sum_j w_j N_j^p``, and ``N(.; nu, S)^p = c N(.; nu, S/p)``
+        with ``c = (2 pi)^(-d(p-1)/2) |S|^(-(p-1)/2) p^(-d/2)``, so the envelope ``N(mu_i, Sigma_i) sum_j w_j N_j^p``
+        is a Gaussian mixture (a product, :meth:`GMM.product`) and the ratio ``q^p / sum_j w_j N_j^p <= 1``.
+        ``p < 1``: propose from ``N(mu_i, Sigma_i)``, accept w.p. ``(q / q_max)^p``.
+        """
+        p, g = 1.0 / self.lam, self.reward.gmm
+        comp = GMM(torch.ones(1), self.prior.means[i:i + 1], self.prior.covs[i:i + 1])
+        log_zi = torch.log(self.mode_weights[i]) + self.log_z - torch.log(self.prior.weights[i])
+        if p < 1:
+            return comp, lambda x: p * (g.log_prob(x) - self.log_q_max), float(log_zi - p * self.log_q_max)
+        d = g.dim
+        log_c = (-0.5 * d * (p - 1) * math.log(2 * math.pi) - 0.5 * (p - 1) * torch.logdet(g.covs)
+                 - 0.5 * d * math.log(p))
+        log_env_w = torch.log(g.weights) + log_c  # sum_j w_j N_j^p = sum_j exp(log_env_w_j) N(nu_j, S_j / p)
+        envelope = GMM(torch.exp(log_env_w - log_env_w.max()), g.means, g.covs / p)  # GMM normalises weights
+        proposal, log_z_env, _ = comp.product(envelope)
+        log_z_env = log_z_env + torch.logsumexp(log_env_w, 0)  # mass of N_i * sum_j w_j N_j^p
+
+        def log_ratio(x: Tensor) -> Tensor:
+            log_nj = g.component_log_probs(x) - torch.log(g.weights)  # [B, J]: log N_j(x)
+            return p * g.log_prob(x) - torch.logsumexp(torch.log(g.weights) + p * log_nj, dim=1)
+
+        return proposal, log_ratio, float(log_zi - log_z_env)
+
     def log_prob(self, x: Tensor) -> Tensor:
         """``log p_tilt(x)``: ``[B, D] -> [B]`` float64."""
         if self.mixture is not None:
@@ -73,15 +100,21 @@ class TiltedGMMTarget:
             return self.mixture.sample(n, generator=generator)
         modes = torch.multinomial(self.mode_weights, n, replacement=True, generator=generator)
         out = torch.empty(n, self.prior.dim, dtype=torch.float64)
-        todo = torch.arange(n)
-        for _ in range(100_000):
-            if len(todo) == 0:
-                return out
-            k = modes[todo]
-            z = torch.randn(len(todo), self.prior.dim, dtype=torch.float64, generator=generator)
-            x = self.prior.means[k] + (self.prior._chol[k] @ z[..., None])[..., 0]
-            log_acc = (self.reward.gmm.log_prob(x) - self.log_q_max) / self.lam
-            ok = torch.log(torch.rand(len(todo), dtype=torch.float64, generator=generator)) <= log_acc
-            out[todo[ok]] = x[ok]
-            todo = todo[~ok]
-        raise RuntimeError("rejection sampling of the tilted target did not finish")
+        for i in torch.unique(modes).tolist():
+            slots = torch.nonzero(modes == i)[:, 0]
+            proposal, log_ratio, log_rate = self._mode_proposal(i)
+            per = int(min(max(2.0 * math.exp(-log_rate), 1.0), 1e6))  # proposals per missing sample
+            filled = 0
+            for _ in range(10_000):
+                need = len(slots) - filled
+                if need == 0:
+                    break
+                m = min(need * per, 2_000_000)
+                x = proposal.sample(m, generator=generator)
+                u = torch.rand(m, dtype=torch.float64, generator=generator)
+                ok = x[torch.log(u) <= log_ratio(x)][:need]
+                out[slots[filled:filled + len(ok)]] = ok
+                filled += len(ok)
+            else:
+                raise RuntimeError("rejection sampling of the tilted target did not finish")
+        return out

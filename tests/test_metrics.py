@@ -51,7 +51,7 @@ def test_mode_histogram_and_tv_by_hand():
     """mode_histogram equals the nearest-mean histogram computed with an explicit loop, and mode_tv equals
     1/2 sum_i |hist_i - mode_weights_i| computed by hand from that histogram."""
     target = _toy_target()
-    x = 5 * torch.rand(500, 2, dtype=DT, generator=torch.Generator().manual_seed(0)) * 2 - 5
+    x = 10 * torch.rand(500, 2, dtype=DT, generator=torch.Generator().manual_seed(0)) - 5
     hist = _hist_by_hand(x, target.prior.means)
     got = mode_histogram(x, target)
     assert got.shape == (25,)
