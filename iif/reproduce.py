@@ -9,6 +9,7 @@ check the paper's qualitative claims.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -31,13 +32,23 @@ def load_spec(name: str):
     return OmegaConf.load(path)
 
 
-def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str]) -> None:
+def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int) -> None:
+    """One Hydra multirun over methods x seeds; ``jobs > 1`` runs them in parallel (joblib launcher, 1 thread each)."""
+    parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "torch_threads=1"] if jobs > 1 else []
     cmd = [sys.executable, "-m", "iif.train", "-m", f"experiment={spec.experiment}",
            f"method={','.join(spec.methods)}", f"seed={','.join(map(str, seeds))}",
-           *spec.overrides, *spec.scales[scale], *extra,
+           *spec.overrides, *spec.scales[scale], *parallel, *extra,
            f"hydra.sweep.dir={runs_dir}", "hydra.sweep.subdir=${hydra:runtime.choices.method}_seed${seed}"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
+
+
+def prepare_base(spec, scale: str, extra: list[str]) -> None:
+    """Pretrain (or load) the shared base model once, before parallel runs would each try to."""
+    from iif.train import build, compose
+
+    cfg, _ = compose([f"experiment={spec.experiment}", *spec.overrides, *spec.scales[scale], *extra, "logger=none"])
+    build(cfg).base.prepare()
 
 
 def check_claims(spec, rows: list[dict]) -> list[str]:
@@ -80,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     p.add_argument("--out", default=None, help="output folder (default outputs/ARTIFACT)")
     p.add_argument("--skip-runs", action="store_true", help="only aggregate existing run directories")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="runs in parallel on this machine (default: min(2, cores)); 1: one after another")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = p.parse_args(argv)
 
@@ -91,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = out_dir / "runs"
     t0 = time.perf_counter()
     if not args.skip_runs:
-        run_sweep(spec, args.scale, seeds, runs_dir.resolve(), list(args.overrides))
+        prepare_base(spec, args.scale, list(args.overrides))
+        run_sweep(spec, args.scale, seeds, runs_dir.resolve(), list(args.overrides), args.jobs)
     runs = [r for r in load_runs(runs_dir) if r["method"] in spec.methods and r["seed"] in seeds]
     if not runs:
         raise SystemExit(f"iif-reproduce: error: no finished runs under {runs_dir}")

@@ -164,6 +164,8 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
     try:  # ---- 1. validate and build: everything here is cheap, errors name the cause
         check_sizes(cfg)
         check_pairing(cfg, choices)
+        if cfg.get("torch_threads"):
+            torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
         comp = build(cfg)
         ckpt_path = run_dir / CHECKPOINT
