@@ -40,7 +40,7 @@ def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[st
            *spec.overrides, *spec.scales[scale], *parallel, *extra,
            f"hydra.sweep.dir={runs_dir}", "hydra.sweep.subdir=${hydra:runtime.choices.method}_seed${seed}"]
     print("+", " ".join(cmd), flush=True)
-    subprocess.run(cmd, check=True)
+    subprocess.run(cmd, check=True, env={"WANDB_SILENT": "true", **os.environ})
 
 
 def prepare_base(spec, scale: str, extra: list[str]) -> None:
@@ -82,6 +82,7 @@ def make_figure(spec, rows: list[dict], out_dir: Path) -> None:
         prior = comp.prior.sample(4000)
     fig = toy_figure(panels, comp.target, prior)
     fig.savefig(out_dir / "figure.png", dpi=130)
+    fig.clf()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     p.add_argument("--out", default=None, help="output folder (default outputs/ARTIFACT)")
     p.add_argument("--skip-runs", action="store_true", help="only aggregate existing run directories")
-    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="runs in parallel on this machine (default: min(2, cores)); 1: one after another")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="runs in parallel on this machine, one torch thread each (joblib launcher); default 1: one "
+                        "after another with all cores (on 2-core machines that is faster)")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
     args = p.parse_args(argv)
 

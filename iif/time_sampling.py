@@ -25,6 +25,10 @@ class UniformTime:
     def __call__(self, n: int, schedule: VPSchedule) -> Tensor:
         return self.t_min + (1 - self.t_min) * torch.rand(n)
 
+    def density(self, t: Tensor, schedule: VPSchedule) -> Tensor:
+        """``p(t)``, so that ``f(t) / p(t)`` estimates ``int_{t_min}^1 f`` without bias."""
+        return torch.full_like(t, 1.0 / (1 - self.t_min))
+
 
 class BetaTime(UniformTime):
     """``t`` on ``[t_min, 1]`` with density ``∝ beta(t) = b0 + t (b1 - b0)`` (inverse CDF of a quadratic)."""
@@ -39,3 +43,8 @@ class BetaTime(UniformTime):
         c = lo + (hi - lo) * torch.rand(n, dtype=torch.float64)
         t = (-b0 + torch.sqrt(b0 ** 2 + 2 * db * c)) / db  # solve b0 t + db t^2 / 2 = c
         return t.float()
+
+    def density(self, t: Tensor, schedule: VPSchedule) -> Tensor:
+        b0, db = schedule.beta_min, schedule.beta_max - schedule.beta_min
+        mass = b0 * (1 - self.t_min) + 0.5 * db * (1 - self.t_min ** 2)
+        return schedule.beta(t) / mass

@@ -24,7 +24,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import trange
 
-from iif.plotting import toy_figure
+from iif.plotting import plt, toy_figure
 from iif.utils import ConfigError, atomic_torch_save, atomic_write_text, progress_enabled
 
 log = logging.getLogger("iif.train")
@@ -145,21 +145,37 @@ def load_checkpoint(path: Path, method_name: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- the run
+def reset_peak_mem() -> None:
+    """Start a new peak-memory window (several Hydra jobs can share one process)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+    try:  # Linux: writing 5 resets VmHWM, the peak resident set size
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
 def peak_mem_mb() -> float:
-    """Peak resident memory of this process (CPU), or peak allocated CUDA memory when on a GPU."""
+    """Peak resident memory of this process since :func:`reset_peak_mem` (CPU; the process-lifetime peak where
+    the kernel does not allow the reset), or peak allocated CUDA memory when on a GPU."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2 ** 20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def evaluate(comp: Components) -> tuple[dict, torch.Tensor]:
-    return comp.evaluator(comp.method, comp.target)
+def evaluate(comp: Components, seed: int) -> tuple[dict, torch.Tensor]:
+    return comp.evaluator(comp.method, comp.target, run_seed=seed)
 
 
 def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict:
     """Run (or resume) one run in ``run_dir``; returns the final metrics."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    reset_peak_mem()
     method_name = choices.get("method", cfg.method._target_)
     try:  # ---- 1. validate and build: everything here is cheap, errors name the cause
         check_sizes(cfg)
@@ -210,14 +226,14 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
                 wall_s += time.perf_counter() - t0
                 row = {"iteration": it + 1, "wall_s": wall_s, **row}
                 if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
-                    row.update(evaluate(comp)[0])
+                    row.update(evaluate(comp, cfg.seed)[0])
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 logger.log(row, step=it + 1)
                 if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
                     save_checkpoint(run_dir, comp, it + 1, wall_s, logger.run_id, method_name)
         # ---- 4. final evaluation
-        final, samples = evaluate(comp)
+        final, samples = evaluate(comp, cfg.seed)
         final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), iterations=cfg.iterations, seed=cfg.seed,
                      method=method_name, base_model=choices.get("base_model"), experiment=exp)
         atomic_torch_save(samples[:4000].clone(), run_dir / "samples.pt")
@@ -229,6 +245,7 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         fig.savefig(run_dir / "samples.png", dpi=110)
         logger.log({k: v for k, v in final.items() if isinstance(v, (int, float))}, step=cfg.iterations)
         logger.log_figure("samples", fig, step=cfg.iterations)
+        plt.close(fig)
         log.info("final metrics: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()})
         exit_code = 0
         return final

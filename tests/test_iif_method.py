@@ -68,7 +68,8 @@ def test_score_matching_excess_loss_is_weighted_distance_to_h_star(toy):
 
 
 def test_kl_regulariser_single_time_estimate(toy):
-    """gamma * E_t[beta(t)/2 ||h||^2] for a constant h = c: E_t[beta] in closed form for t ~ U(t_min, 1)."""
+    """gamma * int_{t_min}^1 beta(t)/2 ||c||^2 dt for a constant h = c, with either time sampler (the estimate
+    reweights by the sampler's density, so both must give the same closed form)."""
     prior, schedule, base, reward, target = toy
 
     class Const(Guidance):
@@ -80,13 +81,14 @@ def test_kl_regulariser_single_time_estimate(toy):
             return torch.tensor([0.3, -0.4]).expand_as(x)
 
     x0 = prior.sample(100_000, generator=torch.Generator().manual_seed(0)).float()
-    out = {}
-    for gamma in (0.0, 2.0):
-        torch.manual_seed(3)
-        out[gamma] = _method(toy, Const(), kl_weight=gamma).loss(x0).item()
     t_min = 1e-3
-    mean_beta = schedule.beta_min + (schedule.beta_max - schedule.beta_min) * (1 + t_min) / 2
-    assert out[2.0] - out[0.0] == pytest.approx(2.0 * 0.5 * 0.25 * mean_beta, rel=0.02)
+    int_beta = schedule.beta_min * (1 - t_min) + 0.5 * (schedule.beta_max - schedule.beta_min) * (1 - t_min ** 2)
+    for sampler in (UniformTime(t_min), BetaTime(t_min)):
+        out = {}
+        for gamma in (0.0, 2.0):
+            torch.manual_seed(3)
+            out[gamma] = _method(toy, Const(), kl_weight=gamma, time_sampler=sampler).loss(x0).item()
+        assert out[2.0] - out[0.0] == pytest.approx(2.0 * 0.5 * 0.25 * int_beta, rel=0.02)
 
 
 def test_beta_time_sampler_density():

@@ -1,7 +1,8 @@
 """IIF on the 2D toy with the analytic base (no base-model error), scored against the exact tilted target.
 
 The paper's claims: IIF reproduces the target's mode weighting; reward-only fine-tuning (no path RND in the
-weights) collapses onto the highest-reward mode. Fixed seeds; sizes chosen to finish in well under a minute.
+weights) collapses onto the highest-reward mode. Fixed seeds. The IIF run is the documented default command
+(about a minute on 2 CPU cores: 40 iterations of 2048 trajectories and 100 gradient steps).
 """
 from __future__ import annotations
 
@@ -11,49 +12,44 @@ import sys
 
 import pytest
 
-from iif.train import compose, train
+from iif.train import build, compose, train
 
-QUICK = ["base_model=gmm_exact", "logger=none", "method.n_samples=1024", "iterations=25",
-         "checkpoint_every=25", "evaluation.n_energy=1024"]
 
 
 @pytest.fixture(scope="module")
-def quick_runs(tmp_path_factory):
+def runs(tmp_path_factory):
+    """The documented default run of IIF through the CLI, and reward-only in-process on a smaller budget."""
+    import os
+
     out = {}
-    for method in ("iif", "reward_only"):
-        cfg, choices = compose([f"method={method}", *QUICK])
-        out[method] = train(cfg, tmp_path_factory.mktemp(method), choices)
+    run_dir = tmp_path_factory.mktemp("iif") / "run"
+    env = dict(os.environ, WANDB_MODE="offline", CI="1")
+    subprocess.run([sys.executable, "-m", "iif.train", "experiment=toy2d", "method=iif", "base_model=gmm_exact",
+                    "logger=none", f"hydra.run.dir={run_dir}"], env=env, check=True, timeout=900,
+                   capture_output=True)
+    out["iif"] = json.loads((run_dir / "metrics.json").read_text())
+    cfg, choices = compose(["method=reward_only", "base_model=gmm_exact", "logger=none", "iterations=12"])
+    out["reward_only"] = train(cfg, tmp_path_factory.mktemp("reward_only"), choices)
+    cfg, _ = compose(["base_model=gmm_exact", "logger=none"])
+    out["log_z"] = build(cfg).target.log_z.item()
     return out
 
 
-def test_iif_matches_exact_mode_weights(quick_runs):
-    """mode_tv of IIF below 0.05 (exact target samples give ~0.016 with 10k samples, the oracle h* ~0.024)."""
-    assert quick_runs["iif"]["mode_tv"] < 0.05
+def test_default_iif_run_matches_exact_mode_weights(runs):
+    """`iif-train experiment=toy2d method=iif base_model=gmm_exact` brings mode_tv below 0.05 (exact target
+    samples give ~0.016 with the 10k evaluation samples; the exact h* on the same 100-step sampler ~0.02)."""
+    assert runs["iif"]["mode_tv"] < 0.05
 
 
-def test_reward_only_collapses(quick_runs):
+def test_reward_only_collapses(runs):
     """Without the RND the weights ignore how likely a path was: mass piles onto the highest-reward mode."""
-    assert quick_runs["reward_only"]["mode_tv"] > 4 * quick_runs["iif"]["mode_tv"]
-    assert quick_runs["reward_only"]["mode_tv"] > 0.2
-    assert quick_runs["reward_only"]["reward_mean"] > quick_runs["iif"]["reward_mean"]
+    assert runs["reward_only"]["mode_tv"] > 0.2
+    assert runs["reward_only"]["mode_tv"] > 4 * runs["iif"]["mode_tv"]
+    assert runs["reward_only"]["reward_mean"] > runs["iif"]["reward_mean"]
 
 
-def test_iif_lowers_the_control_objective(quick_runs):
-    """The SC loss KL(P^h || P^tilt) - log Z is minimised by h*; IIF ends close to -log Z (METHODS.md §1.2)."""
-    from iif.train import build
-
-    cfg, _ = compose(QUICK)
-    log_z = build(cfg).target.log_z.item()
-    assert quick_runs["iif"]["sc_loss"] < -log_z + 0.03
-    assert quick_runs["iif"]["sc_loss"] < quick_runs["reward_only"]["sc_loss"]
-
-
-@pytest.mark.slow
-def test_default_cli_run_reaches_target(tmp_path, cli_env):
-    """The documented command `iif-train experiment=toy2d method=iif base_model=gmm_exact` at its defaults."""
-    run_dir = tmp_path / "run"
-    subprocess.run([sys.executable, "-m", "iif.train", "experiment=toy2d", "method=iif", "base_model=gmm_exact",
-                    "logger=none", f"hydra.run.dir={run_dir}"], env=cli_env, check=True, timeout=600,
-                   capture_output=True)
-    final = json.loads((run_dir / "metrics.json").read_text())
-    assert final["mode_tv"] < 0.05
+def test_iif_approaches_the_control_optimum(runs):
+    """The SC loss KL(P^h || P^tilt) - log Z is minimised by h*; IIF ends within 0.03 nats of -log Z (§1.2),
+    reward-only far from it."""
+    assert runs["iif"]["sc_loss"] < -runs["log_z"] + 0.03
+    assert runs["reward_only"]["sc_loss"] > runs["iif"]["sc_loss"] + 0.1

@@ -40,7 +40,8 @@ class IIF(Method):
     3. relaxed rejection ``alpha = min(1, w/c)`` with ``c`` solving ``mean alpha = rho_k`` exactly  ([IIF 14]);
     4. push the accepted ``x_0`` into the FIFO buffer;
     5. ``M`` Adam steps on ``L_FT(h) = E ||v(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``            ([IIF 15])
-       ``+ gamma_KL * E[ beta(t)/2 ||h(x_t,t)||^2 ]`` (single-time KL regulariser, [IIF 17]),
+       ``+ gamma_KL * E[ beta(t) / (2 p(t)) ||h(x_t,t)||^2 ]``: the single-time estimate of the path KL
+       ``int beta/2 ||h||^2 dt`` with ``t ~ p`` (KL regulariser, [IIF 17], METHODS.md §4.3),
        ``x_0 ~ buffer``, ``t ~ time_sampler``, ``x_t = m(t) x_0 + v(t) eps``.
 
     Args:
@@ -139,7 +140,8 @@ class IIF(Method):
         sm = ((eps - e_base + v * h) ** 2).sum(-1).mean()
         if self.kl_weight == 0:
             return sm
-        kl = (0.5 * sched.beta(t64).float() * (h ** 2).sum(-1)).mean()
+        weight = 0.5 * sched.beta(t64) / self.time_sampler.density(t64, sched)
+        kl = (weight.float() * (h ** 2).sum(-1)).mean()
         return sm + self.kl_weight * kl
 
     # ------------------------------------------------------------------ EMA of the guidance weights
