@@ -46,8 +46,8 @@ def aggregate(runs: list[dict], by: str, metrics: list[str], order: list[str] | 
     return rows
 
 
-def _fmt(x: float) -> str:
-    return f"{x:.4g}" if abs(x) < 1e4 else f"{x:.0f}"
+def _fmt(x: float, digits: int = 4) -> str:
+    return f"{x:.{digits}g}" if abs(x) < 1e4 else f"{x:.0f}"
 
 
 def write_tables(rows: list[dict], by: str, metrics: list[str], out_dir: str | Path) -> str:
@@ -58,7 +58,7 @@ def write_tables(rows: list[dict], by: str, metrics: list[str], out_dir: str | P
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [str(r[by]), str(r["n"])]
-        cells += [f"{_fmt(r[m])} ± {_fmt(r[m + '_se'])}" if m in r else "—" for m in metrics]
+        cells += [f"{_fmt(r[m])} ± {_fmt(r[m + '_se'], 2)}" if m in r else "—" for m in metrics]
         lines.append("| " + " | ".join(cells) + " |")
     md = "\n".join(lines) + "\n"
     (out_dir / "table.md").write_text(md)

@@ -12,13 +12,14 @@ import sys
 
 import pytest
 
+from iif.guidance.oracle import ExactTiltGuidance
 from iif.train import build, compose, train
 
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The documented default run of IIF through the CLI, and reward-only in-process on a smaller budget."""
+    """The documented default run of IIF through the CLI; reward-only in-process at the ci budget of figure1."""
     import os
 
     out = {}
@@ -28,10 +29,13 @@ def runs(tmp_path_factory):
                     "logger=none", f"hydra.run.dir={run_dir}"], env=env, check=True, timeout=900,
                    capture_output=True)
     out["iif"] = json.loads((run_dir / "metrics.json").read_text())
-    cfg, choices = compose(["method=reward_only", "base_model=gmm_exact", "logger=none", "iterations=12"])
+    cfg, choices = compose(["method=reward_only", "base_model=gmm_exact", "logger=none", "iterations=30"])
     out["reward_only"] = train(cfg, tmp_path_factory.mktemp("reward_only"), choices)
-    cfg, _ = compose(["base_model=gmm_exact", "logger=none"])
-    out["log_z"] = build(cfg).target.log_z.item()
+    # the exact optimal h* (closed form) on the same sampler, scored by the same evaluator
+    cfg, _ = compose(["base_model=gmm_exact", "logger=none", "method=base"])
+    comp = build(cfg)
+    comp.method.guidance = ExactTiltGuidance(comp.prior, comp.target.mixture, comp.base.schedule)
+    out["oracle"] = comp.evaluator(comp.method, comp.target)[0]
     return out
 
 
@@ -49,7 +53,9 @@ def test_reward_only_collapses(runs):
 
 
 def test_iif_approaches_the_control_optimum(runs):
-    """The SC loss KL(P^h || P^tilt) - log Z is minimised by h*; IIF ends within 0.03 nats of -log Z (§1.2),
-    reward-only far from it."""
-    assert runs["iif"]["sc_loss"] < -runs["log_z"] + 0.03
+    """The SC loss KL(P^h || P^tilt) - log Z (§1.2): IIF ends within 0.03 nats of the exact h* on the same sampler
+    (the discrete chain's own optimum lies a little lower; -log Z of the continuous problem is 4.589, of the
+    100-step chain about 4.563), the base 0.8 nats above, reward-only far from it."""
+    assert runs["oracle"]["mode_tv"] < 0.035
+    assert runs["iif"]["sc_loss"] < runs["oracle"]["sc_loss"] + 0.03
     assert runs["reward_only"]["sc_loss"] > runs["iif"]["sc_loss"] + 0.1
