@@ -12,21 +12,33 @@ from iif.utils import progress_enabled
 Tensor = torch.Tensor
 
 
-def log_rnd_increment(delta: Tensor, z: Tensor, sigma: float | Tensor) -> Tensor:
-    """``log p^0(x'|x) - log p^h(x'|x)`` for ``x' = mu^0 + Delta + sigma z`` (METHODS.md §2.3, [IIF 32–43]).
+def rnd_step(delta: Tensor, z: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    """One step's ``log p^0(x'|x) - log p^h(x'|x)`` for ``x' = mu^0 + Delta + sigma z`` (METHODS.md §2.3,
+    [IIF 32–43]) and its quadratic part.
 
-    ``= -||Delta||^2 / (2 sigma^2) - <Delta, z> / sigma``, summed over all data dimensions, in float64.
+    ``log-RND increment = -||Delta||^2 / (2 sigma^2) - <Delta, z> / sigma``, summed over all data dimensions.
+    Per-step sums in at least float32 (the network may run in half precision); the sampler accumulates them
+    over steps in float64.
 
     Args:
         delta: ``[B, *shape]`` mean shift ``mu^h - mu^0``.
         z: ``[B, *shape]`` the standard normal draw of the step.
         sigma: the step's standard deviation (> 0).
     Returns:
-        ``[B]`` float64.
+        (increment ``[B]``, quadratic term ``||Delta||^2 / (2 sigma^2)`` ``[B]``).
     """
-    d = delta.to(torch.float64).flatten(1)
-    zz = z.to(torch.float64).flatten(1)
-    return -(d ** 2).sum(1) / (2 * sigma ** 2) - (d * zz).sum(1) / sigma
+    d = delta.flatten(1)
+    if d.dtype in (torch.float16, torch.bfloat16):
+        d = d.float()
+    quad = (d * d).sum(1) / (2 * sigma ** 2)
+    cross = (d * z.flatten(1).to(d.dtype)).sum(1) / sigma
+    return -(quad + cross), quad
+
+
+def log_rnd_increment(delta: Tensor, z: Tensor, sigma: float) -> Tensor:
+    """``log p^0(x'|x) - log p^h(x'|x)`` of one step, ``[B]`` float64 (see :func:`rnd_step`)."""
+    d = delta.to(torch.float64)
+    return rnd_step(d, z.to(torch.float64), sigma)[0]
 
 
 class DDPMSampler:
@@ -85,8 +97,7 @@ class DDPMSampler:
                 x = mu0 + delta + sigma * z
                 # 4. path log-RND and control cost, float64
                 if accumulate_rnd:
-                    inc = log_rnd_increment(delta, z, sigma)
-                    quad = (delta.to(torch.float64).flatten(1) ** 2).sum(1) / (2 * beta)
+                    inc, quad = rnd_step(delta, z, sigma)
                     log_rnd += inc
                     control_cost += quad
             if keep_states:
