@@ -17,7 +17,8 @@ class Trajectory:
         log_rnd: ``[B]`` float64, ``log dP^0/dP^h`` of each path (METHODS.md §2.3), accumulated during sampling;
             0 for the unguided sampler.
         control_cost: ``[B]`` float64, ``sum_t ||Delta_t||^2 / (2 sigma_t^2)``: the path KL integrand of the
-            stochastic-control loss (§1.2); ``E[control_cost] = KL(P^h || P^0)``.
+            stochastic-control loss (§1.2); ``E[control_cost] = KL(P^h || P^0)``. None where the samples are not
+            the endpoints of one diffusion path (e.g. best-of-K).
         states: ``[N+1, B, *shape]`` ``x_N, ..., x_0`` if asked for, else None.
         noises: ``[N, B, *shape]`` the ``z_t`` used at each step if asked for, else None.
         nfe: network evaluations of the base model per sample.
@@ -25,7 +26,7 @@ class Trajectory:
 
     x0: Tensor
     log_rnd: Tensor
-    control_cost: Tensor
+    control_cost: Tensor | None
     states: Tensor | None = None
     noises: Tensor | None = None
     nfe: int = 0

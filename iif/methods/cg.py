@@ -1,0 +1,27 @@
+"""``cg``: classifier / reward guidance, no training (METHODS.md §7.1). The base chain is guided by a fixed
+``h = gamma * grad r`` (at ``x_t``, or through Tweedie with ``method=cg_tweedie``)."""
+from __future__ import annotations
+
+from iif.methods.base import Method
+
+
+class ClassifierGuidance(Method):
+    """Inference-time guidance by the reward gradient.
+
+    Args:
+        guide: a partially-applied fixed guidance (``iif.guidance.reward_gradient``), called with
+            ``reward=`` and ``base=``; its ``gamma`` is the guidance scale.
+    """
+
+    requires = frozenset({"differentiable_reward"})
+    uses_guidance = False
+
+    def __init__(self, base, reward, sampler, guidance=None, buffer=None, *, guide):
+        super().__init__(base, reward, sampler, guidance, buffer)
+        self.guide = guide(reward=reward, base=base)
+
+    def fit_step(self, iteration: int) -> dict[str, float]:
+        return {}
+
+    def sample(self, n: int):
+        return self.sampler.sample(self.base, self.guide, n)

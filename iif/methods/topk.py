@@ -1,0 +1,36 @@
+"""``topk``: best-of-K sampling from the base model, no training (METHODS.md §7.5)."""
+from __future__ import annotations
+
+import torch
+
+from iif.methods.base import Method
+from iif.samplers.base import Trajectory
+
+
+class TopK(Method):
+    """For each returned sample draw ``k`` base samples and keep the one with the highest reward.
+
+    Costs ``k`` times the base sampling; the result is not the law of a diffusion path, so the path statistics
+    (log-RND, control cost, hence ``sc_loss``) are not defined for it.
+
+    Args:
+        k: samples drawn per returned sample (state it in every table).
+    """
+
+    uses_guidance = False
+
+    def __init__(self, base, reward, sampler, guidance=None, buffer=None, *, k: int = 4):
+        super().__init__(base, reward, sampler, guidance, buffer)
+        if k < 1:
+            raise ValueError(f"method.k must be >= 1, got {k}")
+        self.k = int(k)
+
+    def fit_step(self, iteration: int) -> dict[str, float]:
+        return {}
+
+    def sample(self, n: int) -> Trajectory:
+        traj = self.sampler.sample(self.base, None, n * self.k)
+        x = traj.x0.reshape(n, self.k, *traj.x0.shape[1:])
+        best = self.reward(traj.x0).reshape(n, self.k).argmax(dim=1)
+        return Trajectory(x0=x[torch.arange(n), best], log_rnd=torch.zeros(n, dtype=torch.float64),
+                          control_cost=None, nfe=traj.nfe * self.k)
