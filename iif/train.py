@@ -24,6 +24,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import trange
 
+from iif.budget import Budget
 from iif.plotting import plt, toy_figure
 from iif.utils import ConfigError, atomic_torch_save, atomic_write_text, progress_enabled
 
@@ -92,6 +93,7 @@ class Components:
     target: object
     evaluator: object
     prior: object
+    budget: Budget
 
 
 def build(cfg: DictConfig) -> Components:
@@ -106,7 +108,7 @@ def build(cfg: DictConfig) -> Components:
     method = instantiate(cfg.method, base=base, reward=reward, sampler=sampler, guidance=guidance, buffer=buffer)
     target = instantiate(cfg.target, prior=prior, reward=reward)
     evaluator = instantiate(cfg.evaluation)
-    return Components(base, reward, method, target, evaluator, prior)
+    return Components(base, reward, method, target, evaluator, prior, Budget(base, reward))
 
 
 def cleanup_failed_start(run_dir: Path) -> None:
@@ -129,6 +131,7 @@ def save_checkpoint(run_dir: Path, comp: Components, iteration: int, wall_s: flo
     atomic_torch_save({
         "format": CHECKPOINT_FORMAT, "method": method_name, "iteration": iteration, "wall_s": wall_s,
         "wandb_run_id": run_id, "rng": torch.get_rng_state(), "state": comp.method.state_dict(),
+        "budget": comp.budget.snapshot(),
     }, run_dir / CHECKPOINT)
 
 
@@ -168,7 +171,8 @@ def peak_mem_mb() -> float:
 
 
 def evaluate(comp: Components, seed: int) -> tuple[dict, torch.Tensor]:
-    return comp.evaluator(comp.method, comp.target, run_seed=seed)
+    with comp.budget.uncounted():  # evaluation is not part of the training budget
+        return comp.evaluator(comp.method, comp.target, run_seed=seed)
 
 
 def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict:
@@ -197,6 +201,7 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
     if ckpt is not None:  # ---- 2. resume
         comp.method.load_state_dict(ckpt["state"])
         torch.set_rng_state(ckpt["rng"])
+        comp.budget.restore(ckpt["budget"])
         start, wall_s, run_id = ckpt["iteration"], ckpt["wall_s"], ckpt["wandb_run_id"]
         log.info("resuming %s from iteration %d", run_dir, start)
     metrics_log = run_dir / "metrics.jsonl"
@@ -224,7 +229,7 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
                 t0 = time.perf_counter()
                 row = comp.method.fit_step(it)
                 wall_s += time.perf_counter() - t0
-                row = {"iteration": it + 1, "wall_s": wall_s, **row}
+                row = {"iteration": it + 1, "wall_s": wall_s, **comp.budget.snapshot(), **row}
                 if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
                     row.update(evaluate(comp, cfg.seed)[0])
                 f.write(json.dumps(row) + "\n")
@@ -234,8 +239,8 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
                     save_checkpoint(run_dir, comp, it + 1, wall_s, logger.run_id, method_name)
         # ---- 4. final evaluation
         final, samples = evaluate(comp, cfg.seed)
-        final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), iterations=cfg.iterations, seed=cfg.seed,
-                     method=method_name, base_model=choices.get("base_model"), experiment=exp)
+        final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), **comp.budget.snapshot(), iterations=cfg.iterations,
+                     seed=cfg.seed, method=method_name, base_model=choices.get("base_model"), experiment=exp)
         atomic_torch_save(samples[:4000].clone(), run_dir / "samples.pt")
         atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
         with torch.random.fork_rng():

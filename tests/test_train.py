@@ -67,7 +67,23 @@ def test_cli_sweep_with_toy2d_pretraining(tmp_path, cli_env):
 
 
 def _final_numbers(metrics: dict) -> dict:
-    return {k: metrics[k] for k in ("mode_tv", "energy_distance", "reward_mean", "sc_loss", "kl_path")}
+    keys = ("mode_tv", "energy_distance", "reward_mean", "sc_loss", "kl_path", "base_nfe", "reward_evals",
+            "reward_grad_evals")
+    return {k: metrics[k] for k in keys}
+
+
+def test_budget_counts_match_the_algorithm(tmp_path):
+    """Per-sample counts after each iteration, from the algorithm's arithmetic: the buffer prefill and each
+    iteration's N trajectories cost `steps` base calls (and reward gradients, for the reward-informed h) per
+    sample, each gradient step b more; the weights cost N reward calls. Evaluation is not counted."""
+    cfg, choices = compose([*FAST, "iterations=3"])
+    train(cfg, tmp_path / "r", choices)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    steps, n, m, b, prefill = 20, 256, 5, 128, 256  # debug=fast
+    for k, row in enumerate(rows, start=1):
+        assert row["base_nfe"] == prefill * steps + k * (n * steps + m * b)
+        assert row["reward_evals"] == k * n
+        assert row["reward_grad_evals"] == k * (n * steps + m * b)
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
@@ -138,7 +154,7 @@ def test_nan_reward_is_a_clear_error(tmp_path, monkeypatch):
         r[::7] = float("nan")
         return r
 
-    monkeypatch.setattr(GMMReward, "__call__", nan_reward)
+    monkeypatch.setattr(GMMReward, "evaluate", nan_reward)
     cfg, choices = compose(FAST)
     with pytest.raises(RewardError, match="reward 'gmm' returned .* non-finite"):
         train(cfg, tmp_path / "r", choices)

@@ -15,7 +15,8 @@ Tensor = torch.Tensor
 class BaseModel(nn.Module, abc.ABC):
     """A frozen noise-prediction model on a VP-SDE.
 
-    Subclasses implement :meth:`eps`. Everything else (score, Tweedie) follows from the schedule:
+    Subclasses implement :meth:`predict_eps`; callers use :meth:`eps`, which also counts network evaluations
+    (``nfe``, per sample: the method-independent budget). Everything else (score, Tweedie) follows from the schedule:
     ``s(x, t) = -eps(x, t) / v(t)`` and ``x0_hat = (x_t - v(t) eps) / m(t)`` (METHODS.md §0.2).
 
     Attributes:
@@ -29,10 +30,16 @@ class BaseModel(nn.Module, abc.ABC):
         super().__init__()
         self.schedule = schedule
         self.sample_shape = tuple(sample_shape)
+        self.nfe = 0
 
-    @abc.abstractmethod
     def eps(self, x: Tensor, t: Tensor) -> Tensor:
         """Noise prediction ``eps_theta(x_t, t)``: ``x [B, *shape]``, ``t [B]`` in ``(0, 1]`` -> ``[B, *shape]``."""
+        self.nfe += x.shape[0]
+        return self.predict_eps(x, t)
+
+    @abc.abstractmethod
+    def predict_eps(self, x: Tensor, t: Tensor) -> Tensor:
+        """The network (or closed form) behind :meth:`eps`."""
 
     def prepare(self) -> None:
         """Load or train whatever the model needs (called once, after the config was validated)."""

@@ -27,7 +27,7 @@ class GMMExact(BaseModel):
         super().__init__(schedule, (prior.dim,))
         self.prior = prior
 
-    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+    def predict_eps(self, x: Tensor, t: Tensor) -> Tensor:
         t64 = t.to(torch.float64)
         m, v = self.schedule.m(t64), self.schedule.v(t64)
         return (-v[:, None] * self.prior.noised_score(x, m, v)).to(x.dtype)

@@ -88,5 +88,5 @@ class Toy2DScoreMLP(BaseModel):
             sched.step()
         net.requires_grad_(False)
 
-    def eps(self, x: Tensor, t: Tensor) -> Tensor:
+    def predict_eps(self, x: Tensor, t: Tensor) -> Tensor:
         return self.net(x, t)

@@ -119,9 +119,8 @@ class IIF(Method):
         return {
             "accept_rate": keep.double().mean().item(), "target_accept_rate": rho, "log_c": log_c,
             "ess_frac": (1.0 / (w ** 2).sum() / len(w)).item(), "frac_w_above_c": (log_w > log_c).double().mean().item(),
-            "log_rnd_mean": traj.log_rnd.mean().item(), "batch_reward_mean": self.reward(traj.x0).mean().item(),
+            "log_rnd_mean": traj.log_rnd.mean().item(), "batch_reward_mean": (log_r * self.reward.temperature).mean().item(),
             "loss": sum(losses) / len(losses), "buffer_size": len(self.buffer), "lr": self.lr_schedule.get_last_lr()[0],
-            "base_nfe": traj.nfe * self.n_samples + self.grad_steps * self.batch_size,
         }
 
     def loss(self, x0: Tensor) -> Tensor:

@@ -66,6 +66,7 @@ class ToyEvaluator:
             "top_mode_frac": mode_histogram(x, target)[top].item(),
             "energy_distance": energy_distance(x[: self.n_energy], ref),
             "reward_mean": reward(x).double().mean().item(),
+            "sample_nfe": traj.nfe,  # base evaluations per returned sample (best-of-K: K x steps)
         }
         if traj.control_cost is not None:  # path statistics exist only for samples of one diffusion path
             metrics["sc_loss"] = (traj.control_cost - reward.log_tilt(x).double()).mean().item()

@@ -16,8 +16,9 @@ class RewardError(RuntimeError):
 class Reward(abc.ABC):
     """A reward on clean samples.
 
-    Subclasses implement :meth:`__call__` (the raw reward). Methods use :meth:`log_tilt`, the exponent of the
-    tilted target ``p_tilt ∝ p_data exp(r / lambda)``, and :meth:`grad_log_tilt`.
+    Subclasses implement :meth:`evaluate` (the raw reward) and may override :meth:`_grad` (default: autograd).
+    Callers use ``reward(x)``, :meth:`log_tilt` (the exponent of ``p_tilt ∝ p_data exp(r / lambda)``) and
+    :meth:`grad_log_tilt`, which count evaluations (``evals``, ``grad_evals``, per sample) for the budget.
 
     Args:
         temperature: ``lambda > 0``.
@@ -34,10 +35,16 @@ class Reward(abc.ABC):
             raise ValueError(f"reward temperature lambda must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.name = name or type(self).__name__
+        self.evals = self.grad_evals = 0
 
-    @abc.abstractmethod
     def __call__(self, x: Tensor) -> Tensor:
         """Raw reward ``r(x)``: ``[B, *shape] -> [B]``."""
+        self.evals += x.shape[0]
+        return self.evaluate(x)
+
+    @abc.abstractmethod
+    def evaluate(self, x: Tensor) -> Tensor:
+        """The reward behind :meth:`__call__`."""
 
     def log_tilt(self, x: Tensor) -> Tensor:
         """``r(x) / lambda`` ``[B]``, checked finite (a NaN here would silently poison the weights)."""
@@ -52,7 +59,12 @@ class Reward(abc.ABC):
         """``grad_x r(x) / lambda`` ``[B, *shape]`` by autograd (no graph is kept)."""
         if not self.differentiable:
             raise TypeError(f"reward '{self.name}' is not differentiable")
+        self.grad_evals += x.shape[0]
+        return self._grad(x) / self.temperature
+
+    def _grad(self, x: Tensor) -> Tensor:
+        """``grad_x r(x)`` (autograd of :meth:`evaluate`; override with a closed form where there is one)."""
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(self(x).sum(), x)
-        return g / self.temperature
+            (g,) = torch.autograd.grad(self.evaluate(x).sum(), x)
+        return g

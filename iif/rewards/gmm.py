@@ -23,14 +23,12 @@ class GMMReward(Reward):
         super().__init__(temperature=temperature, name=name)
         self.gmm = GMM.isotropic(means, weights, var=var)
 
-    def __call__(self, x: Tensor) -> Tensor:
+    def evaluate(self, x: Tensor) -> Tensor:
         return self.gmm.log_prob(x).to(x.dtype)
 
-    def grad_log_tilt(self, x: Tensor) -> Tensor:
-        """Closed form ``grad log q(x) / lambda`` (the score of the mixture)."""
-        if not self.differentiable:
-            raise TypeError(f"reward '{self.name}' is not differentiable")
-        return (self.gmm.score(x) / self.temperature).to(x.dtype)
+    def _grad(self, x: Tensor) -> Tensor:
+        """Closed form ``grad log q(x)`` (the score of the mixture)."""
+        return self.gmm.score(x).to(x.dtype)
 
 
 class BlackBoxGMMReward(GMMReward):
