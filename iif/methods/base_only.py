@@ -5,7 +5,7 @@ from iif.methods.base import Method
 
 
 class BaseOnly(Method):
-    """Samples of the frozen base model; :meth:`fit_step` does nothing."""
+    """Samples of the frozen base model; :meth:`fit_step` does nothing. Training-free baselines subclass it."""
 
     uses_guidance = False
 

@@ -2,10 +2,10 @@
 ``h = gamma * grad r`` (at ``x_t``, or through Tweedie with ``method=cg_tweedie``)."""
 from __future__ import annotations
 
-from iif.methods.base import Method
+from iif.methods.base_only import BaseOnly
 
 
-class ClassifierGuidance(Method):
+class ClassifierGuidance(BaseOnly):
     """Inference-time guidance by the reward gradient.
 
     Args:
@@ -14,14 +14,10 @@ class ClassifierGuidance(Method):
     """
 
     requires = frozenset({"differentiable_reward"})
-    uses_guidance = False
 
     def __init__(self, base, reward, sampler, guidance=None, buffer=None, *, guide):
         super().__init__(base, reward, sampler, guidance, buffer)
         self.guide = guide(reward=reward, base=base)
-
-    def fit_step(self, iteration: int) -> dict[str, float]:
-        return {}
 
     def sample(self, n: int):
         return self.sampler.sample(self.base, self.guide, n)

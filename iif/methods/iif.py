@@ -78,7 +78,8 @@ class IIF(Method):
         self.time_sampler = time_sampler or UniformTime()
         self.optimizer = (optimizer or torch.optim.Adam)(self.guidance.parameters())
         if iterations < 1 or not 0 < lr_final_factor <= 1:
-            raise ValueError(f"need iterations >= 1 and lr_final_factor in (0, 1], got {iterations}, {lr_final_factor}")
+            raise ValueError(f"method.iterations must be >= 1 and method.lr_final_factor in (0, 1], "
+                             f"got {iterations}, {lr_final_factor}")
         lr0 = self.optimizer.param_groups[0]["lr"]
         self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=iterations * grad_steps, eta_min=lr0 * lr_final_factor)
@@ -119,8 +120,10 @@ class IIF(Method):
         return {
             "accept_rate": keep.double().mean().item(), "target_accept_rate": rho, "log_c": log_c,
             "ess_frac": (1.0 / (w ** 2).sum() / len(w)).item(), "frac_w_above_c": (log_w > log_c).double().mean().item(),
-            "log_rnd_mean": traj.log_rnd.mean().item(), "batch_reward_mean": (log_r * self.reward.temperature).mean().item(),
-            "loss": sum(losses) / len(losses), "buffer_size": len(self.buffer), "lr": self.lr_schedule.get_last_lr()[0],
+            "log_rnd_mean": traj.log_rnd.mean().item(),
+            "batch_reward_mean": (log_r * self.reward.temperature).mean().item(),
+            "loss": sum(losses) / len(losses), "buffer_size": len(self.buffer),
+            "lr": self.lr_schedule.get_last_lr()[0],
         }
 
     def loss(self, x0: Tensor) -> Tensor:

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from iif.methods.base import Method
+from iif.methods.base_only import BaseOnly
 from iif.samplers.base import Trajectory
 
 
-class TopK(Method):
+class TopK(BaseOnly):
     """For each returned sample draw ``k`` base samples and keep the one with the highest reward.
 
     Costs ``k`` times the base sampling; the result is not the law of a diffusion path, so the path statistics
@@ -17,16 +17,11 @@ class TopK(Method):
         k: samples drawn per returned sample (state it in every table).
     """
 
-    uses_guidance = False
-
     def __init__(self, base, reward, sampler, guidance=None, buffer=None, *, k: int = 4):
         super().__init__(base, reward, sampler, guidance, buffer)
         if k < 1:
             raise ValueError(f"method.k must be >= 1, got {k}")
         self.k = int(k)
-
-    def fit_step(self, iteration: int) -> dict[str, float]:
-        return {}
 
     def sample(self, n: int) -> Trajectory:
         traj = self.sampler.sample(self.base, None, n * self.k)

@@ -61,14 +61,15 @@ class ToyEvaluator:
         x = traj.x0
         reward = method.reward
         top = int(torch.argmax(reward(target.prior.means)))
+        log_tilt = reward.log_tilt(x).double()  # one reward evaluation, checked finite
         metrics = {
             "mode_tv": mode_tv(x, target),
             "top_mode_frac": mode_histogram(x, target)[top].item(),
             "energy_distance": energy_distance(x[: self.n_energy], ref),
-            "reward_mean": reward(x).double().mean().item(),
+            "reward_mean": (log_tilt * reward.temperature).mean().item(),
             "sample_nfe": traj.nfe,  # base evaluations per returned sample (best-of-K: K x steps)
         }
         if traj.control_cost is not None:  # path statistics exist only for samples of one diffusion path
-            metrics["sc_loss"] = (traj.control_cost - reward.log_tilt(x).double()).mean().item()
+            metrics["sc_loss"] = (traj.control_cost - log_tilt).mean().item()
             metrics["kl_path"] = traj.control_cost.mean().item()
         return metrics, x
