@@ -33,7 +33,7 @@ log = logging.getLogger("iif.train")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "iif-checkpoint-v1"
 # which config group provides each capability a component may require
-PROVIDERS = {"differentiable_reward": "reward", "per_step_kernels": "base_model"}
+PROVIDERS = {"differentiable_reward": "reward", "per_step_kernels": "base_model", "differentiable_base": "base_model"}
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -259,13 +259,12 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
 
 
 def _derived(cfg: DictConfig) -> str:
-    """The derived sizes a user wants to see (nanoGPT style)."""
+    """The sizes a user wants to see (nanoGPT style)."""
     m = cfg.method
-    if "n_samples" not in m:
-        return "no training"
-    rho = m.acceptance["values"] if "acceptance" in m else ["-"]
-    return (f"{m.n_samples} trajectories x {cfg.sampler.n_steps} steps per iteration, acceptance {list(rho)}, "
-            f"{m.grad_steps} gradient steps of batch {m.batch_size} per iteration")
+    sizes = [f"{k} {m[k]}" for k in ("n_samples", "batch_size", "grad_steps", "k") if k in m]
+    if "acceptance" in m:
+        sizes.append(f"acceptance {list(m.acceptance['values'])}")
+    return f"{cfg.sampler.n_steps} sampling steps; " + (", ".join(sizes) if sizes else "no training")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

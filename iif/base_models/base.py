@@ -20,11 +20,13 @@ class BaseModel(nn.Module, abc.ABC):
     ``s(x, t) = -eps(x, t) / v(t)`` and ``x0_hat = (x_t - v(t) eps) / m(t)`` (METHODS.md §0.2).
 
     Attributes:
-        provides: capabilities a method may require (e.g. ``"per_step_kernels"``).
+        provides: capabilities a method may require: ``"per_step_kernels"`` (Gaussian reverse kernels with a
+            known mean and std), ``"differentiable_base"`` (``eps`` is differentiable in ``x`` by autograd, so
+            methods can backpropagate through the chain or take vector-Jacobian products of the base drift).
         sample_shape: shape of one sample, e.g. ``(2,)``.
     """
 
-    provides: ClassVar[frozenset[str]] = frozenset({"per_step_kernels"})
+    provides: ClassVar[frozenset[str]] = frozenset({"per_step_kernels", "differentiable_base"})
 
     def __init__(self, schedule: VPSchedule, sample_shape: tuple[int, ...]):
         super().__init__()

@@ -14,7 +14,8 @@ class RewardInformedGuidance(Guidance):
     """Reward-informed h-transform (METHODS.md §4.4).
 
     ``grad r`` is the gradient of the tilt ``r / lambda`` w.r.t. the clean-sample argument, evaluated at the
-    Tweedie estimate ``x0_hat`` of the frozen base (no chain rule through Tweedie). Both ``NN1`` and ``NN2``
+    Tweedie estimate ``x0_hat`` of the frozen base (an input feature: IIF and AM evaluate it on detached states;
+    only the pathwise method differentiates through it). Both ``NN1`` and ``NN2``
     have zero-initialised last layers, so ``h == 0`` at initialisation: the fine-tuned model starts as the base.
 
     Args:
@@ -35,7 +36,7 @@ class RewardInformedGuidance(Guidance):
         self.nn2 = TimeMLP(0, 1, hidden=nn2_hidden, layers=2, t_dim=t_dim, zero_init=True, t_scale=t_scale)
 
     def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
-        grad_r = self.reward.grad_log_tilt(x0_hat).to(x.dtype)  # [B, D], no graph
+        grad_r = self.reward.grad_log_tilt(x0_hat).to(x.dtype)  # [B, D]; a graph only if x0_hat has one
         nn1 = self.nn1(torch.cat([x, x0_hat, grad_r], dim=-1), t)
         nn2 = self.nn2(x.new_zeros(x.shape[0], 0), t)  # [B, 1]
         return nn1 + nn2 * grad_r

@@ -49,3 +49,32 @@ class Method(abc.ABC):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class FineTuned(Method):
+    """A method that trains the guidance ``h`` (the h-transform / control) of the frozen base.
+
+    Holds the :class:`~iif.methods.optim.Trainer` of ``h``; sampling uses its EMA weights when enabled.
+
+    Args:
+        optimizer: a partially-applied ``torch.optim`` class; total_steps: optimiser steps of the whole run
+            (the cosine learning-rate decay spans them); lr_final_factor, grad_clip, ema_decay: see ``Trainer``.
+    """
+
+    def __init__(self, base, reward, sampler, guidance, buffer=None, *, optimizer=None, total_steps: int = 1,
+                 lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
+        super().__init__(base, reward, sampler, guidance, buffer)
+        from iif.methods.optim import Trainer
+
+        self.trainer = Trainer(self.guidance, optimizer, total_steps=total_steps, lr_final_factor=lr_final_factor,
+                               grad_clip=grad_clip, ema_decay=ema_decay)
+
+    def sample(self, n: int) -> Trajectory:
+        with self.trainer.sampling_weights():
+            return super().sample(n)
+
+    def state_dict(self) -> dict:
+        return {"trainer": self.trainer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.trainer.load_state_dict(state["trainer"])

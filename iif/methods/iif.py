@@ -2,13 +2,12 @@
 with the path Radon–Nikodym term switched off (``use_rnd=false``)."""
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
 
 from iif.importance import relaxed_rejection, solve_log_c
-from iif.methods.base import Method
+from iif.methods.base import FineTuned
 from iif.time_sampling import UniformTime
 
 Tensor = torch.Tensor
@@ -30,7 +29,7 @@ class PiecewiseConstant:
         return self.values[sum(iteration >= b for b in self.boundaries)]
 
 
-class IIF(Method):
+class IIF(FineTuned):
     """Iterative Importance Fine-tuning.
 
     Each :meth:`fit_step` is one outer iteration ``k`` of Algorithm 1:
@@ -61,14 +60,13 @@ class IIF(Method):
                  acceptance: PiecewiseConstant | float = 0.3, grad_steps: int = 100, batch_size: int = 512,
                  optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, kl_weight: float = 0.0,
                  use_rnd: bool = True, time_sampler=None, ema_decay: float = 0.0):
-        super().__init__(base, reward, sampler, guidance, buffer)
         for name, val in dict(n_samples=n_samples, grad_steps=grad_steps, batch_size=batch_size).items():
             if val < 1:
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
+        super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
+                         total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, ema_decay=ema_decay)
         if kl_weight < 0:
             raise ValueError(f"method.kl_weight must be >= 0, got {kl_weight}")
-        if not 0 <= ema_decay < 1:
-            raise ValueError(f"method.ema_decay must lie in [0, 1), got {ema_decay}")
         self.acceptance = acceptance if callable(acceptance) else PiecewiseConstant([acceptance])
         for rho in self.acceptance.values:
             if not 0 < rho <= 1:
@@ -76,17 +74,6 @@ class IIF(Method):
         self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
         self.kl_weight, self.use_rnd = kl_weight, use_rnd
         self.time_sampler = time_sampler or UniformTime()
-        self.optimizer = (optimizer or torch.optim.Adam)(self.guidance.parameters())
-        if iterations < 1 or not 0 < lr_final_factor <= 1:
-            raise ValueError(f"method.iterations must be >= 1 and method.lr_final_factor in (0, 1], "
-                             f"got {iterations}, {lr_final_factor}")
-        lr0 = self.optimizer.param_groups[0]["lr"]
-        self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=iterations * grad_steps, eta_min=lr0 * lr_final_factor)
-        self.ema_decay = ema_decay
-        self.ema = None
-        if ema_decay > 0:
-            self.ema = {k: v.detach().clone() for k, v in self.guidance.state_dict().items()}
 
     # ------------------------------------------------------------------ algorithm
     def setup(self) -> None:
@@ -96,7 +83,7 @@ class IIF(Method):
     def fit_step(self, iteration: int) -> dict[str, float]:
         rho = self.acceptance(iteration)
         # 1. on-policy trajectories with the on-the-fly log-RND (no gradients)
-        with self._sampling_weights():
+        with self.trainer.sampling_weights():
             traj = self.sampler.sample(self.base, self.guidance, self.n_samples, accumulate_rnd=self.use_rnd)
         # 2. importance weights
         log_r = self.reward.log_tilt(traj.x0)
@@ -110,11 +97,7 @@ class IIF(Method):
         losses = []
         for _ in range(self.grad_steps):
             loss = self.loss(self.buffer.sample(self.batch_size))
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.lr_schedule.step()
-            self._update_ema()
+            self.trainer.minimise(loss)
             losses.append(loss.item())
         w = torch.softmax(log_w, 0)
         return {
@@ -123,7 +106,7 @@ class IIF(Method):
             "log_rnd_mean": traj.log_rnd.mean().item(),
             "batch_reward_mean": (log_r * self.reward.temperature).mean().item(),
             "loss": sum(losses) / len(losses), "buffer_size": len(self.buffer),
-            "lr": self.lr_schedule.get_last_lr()[0],
+            "lr": self.trainer.lr,
         }
 
     def loss(self, x0: Tensor) -> Tensor:
@@ -146,39 +129,10 @@ class IIF(Method):
         kl = (weight.float() * (h ** 2).sum(-1)).mean()
         return sm + self.kl_weight * kl
 
-    # ------------------------------------------------------------------ EMA of the guidance weights
-    def _update_ema(self) -> None:
-        if self.ema is None:
-            return
-        with torch.no_grad():
-            for k, v in self.guidance.state_dict().items():
-                self.ema[k].lerp_(v, 1 - self.ema_decay)
-
-    @contextlib.contextmanager
-    def _sampling_weights(self):
-        """Context in which the guidance holds the weights used for sampling (the EMA weights if enabled)."""
-        if self.ema is None:
-            yield
-            return
-        saved = {k: v.clone() for k, v in self.guidance.state_dict().items()}
-        self.guidance.load_state_dict(self.ema)
-        try:
-            yield
-        finally:
-            self.guidance.load_state_dict(saved)
-
-    def sample(self, n: int):
-        with self._sampling_weights():
-            return super().sample(n)
-
     # ------------------------------------------------------------------ checkpointing
     def state_dict(self) -> dict:
-        return {"guidance": self.guidance.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "lr_schedule": self.lr_schedule.state_dict(), "buffer": self.buffer.state_dict(), "ema": self.ema}
+        return {**super().state_dict(), "buffer": self.buffer.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.guidance.load_state_dict(state["guidance"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_schedule.load_state_dict(state["lr_schedule"])
+        super().load_state_dict(state)
         self.buffer.load_state_dict(state["buffer"])
-        self.ema = state["ema"]

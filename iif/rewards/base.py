@@ -56,7 +56,8 @@ class Reward(abc.ABC):
         return r / self.temperature
 
     def grad_log_tilt(self, x: Tensor) -> Tensor:
-        """``grad_x r(x) / lambda`` ``[B, *shape]`` by autograd (no graph is kept)."""
+        """``grad_x r(x) / lambda`` ``[B, *shape]``; differentiable itself only where ``x`` carries a graph
+        (e.g. the pathwise method differentiates through ``h(x_t, t, grad r(x0_hat(x_t)))``)."""
         if not self.differentiable:
             raise TypeError(f"reward '{self.name}' is not differentiable")
         self.grad_evals += x.shape[0]
@@ -64,7 +65,30 @@ class Reward(abc.ABC):
 
     def _grad(self, x: Tensor) -> Tensor:
         """``grad_x r(x)`` (autograd of :meth:`evaluate`; override with a closed form where there is one)."""
+        if torch.is_grad_enabled() and x.requires_grad:  # part of a differentiated computation: keep the graph
+            (g,) = torch.autograd.grad(self.evaluate(x).sum(), x, create_graph=True)
+            return g
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(self.evaluate(x).sum(), x)
         return g
+
+    def log_tilt_autograd(self, x: Tensor) -> Tensor:
+        """``r(x) / lambda`` ``[B]`` with a first-order autograd graph to ``x`` whose backward is
+        :meth:`grad_log_tilt`, so that a method backpropagating through the reward is charged for the gradient
+        evaluations like any other (the budget's ``reward_grad_evals``)."""
+        return _CountedLogTilt.apply(x, self)
+
+
+class _CountedLogTilt(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, reward: Reward) -> Tensor:
+        ctx.reward = reward
+        ctx.save_for_backward(x)
+        return reward.log_tilt(x.detach())
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        (x,) = ctx.saved_tensors
+        g = ctx.reward.grad_log_tilt(x.detach())
+        return grad_out.reshape((-1,) + (1,) * (g.dim() - 1)) * g, None

@@ -21,6 +21,8 @@ class Trajectory:
             the endpoints of one diffusion path (e.g. best-of-K).
         states: ``[N+1, B, *shape]`` ``x_N, ..., x_0`` if asked for, else None.
         noises: ``[N, B, *shape]`` the ``z_t`` used at each step if asked for, else None.
+        base_means: ``[N, B, *shape]`` the base kernel means ``mu^0_t(x_t)`` of each step if asked for, else None.
+        x0_hats: ``[N, B, *shape]`` the base's Tweedie estimates at ``x_N, ..., x_1`` if asked for, else None.
         nfe: network evaluations of the base model per sample.
     """
 
@@ -29,4 +31,6 @@ class Trajectory:
     control_cost: Tensor | None
     states: Tensor | None = None
     noises: Tensor | None = None
+    base_means: Tensor | None = None
+    x0_hats: Tensor | None = None
     nfe: int = 0

@@ -41,6 +41,33 @@ def log_rnd_increment(delta: Tensor, z: Tensor, sigma: float) -> Tensor:
     return rnd_step(d, z.to(torch.float64), sigma)[0]
 
 
+class Step:
+    """Coefficients of one reverse step ``x_k -> x_{k-1}`` of the DDPM chain (METHODS.md §0.2).
+
+    Attributes:
+        k: step index (``N..1``); t: its time ``k / N``; alpha, beta, abar: ``alpha_k, beta_k, alphabar_k``;
+        sigma: the kernel std ``sqrt(beta_k)``.
+    """
+
+    __slots__ = ("k", "t", "alpha", "beta", "abar", "sigma")
+
+    def __init__(self, k: int, t: float, alpha: float, beta: float, abar: float):
+        self.k, self.t, self.alpha, self.beta, self.abar = k, t, alpha, beta, abar
+        self.sigma = beta ** 0.5
+
+    def base_mean(self, x: Tensor, eps: Tensor) -> Tensor:
+        """``mu^0_k(x) = (x - beta_k / sqrt(1 - alphabar_k) * eps) / sqrt(alpha_k)``, any shape."""
+        return (x - self.beta / (1 - self.abar) ** 0.5 * eps) / self.alpha ** 0.5
+
+    def shift(self, h: Tensor) -> Tensor:
+        """``Delta_k = beta_k / sqrt(alpha_k) * h``: the mean shift of a score-unit guidance ``h`` [IIF 30]."""
+        return self.beta / self.alpha ** 0.5 * h
+
+    def times(self, n: int, dtype=torch.float32) -> Tensor:
+        """``[n]`` copies of ``t`` (the networks' time argument)."""
+        return torch.full((n,), self.t, dtype=dtype)
+
+
 class DDPMSampler:
     """Ancestral DDPM sampler (METHODS.md §0.2, §2.3–2.4, Algorithm 1 step 1).
 
@@ -63,48 +90,61 @@ class DDPMSampler:
             raise ValueError(f"sampler.n_steps must be >= 1, got {n_steps}")
         self.n_steps = int(n_steps)
 
+    def steps(self, base: BaseModel) -> list[Step]:
+        """The ``N`` reverse steps ``k = N..1`` on the grid ``t_k = k / N`` of the base's VP-SDE."""
+        sched = base.schedule.discretise(self.n_steps)
+        return [Step(k, float(sched.t[k]), float(sched.alpha[k]), float(sched.beta[k]), float(sched.alphabar[k]))
+                for k in range(self.n_steps, 0, -1)]
+
     @torch.no_grad()
     def sample(self, base: BaseModel, guidance: Guidance | None, n: int, *, keep_states: bool = False,
                accumulate_rnd: bool = True, progress: bool = False) -> Trajectory:
         """Draw ``n`` trajectories of the chain guided by ``guidance`` (``None``: the base chain).
 
         Randomness comes from the global torch RNG (seeded and checkpointed by the training loop).
+        ``keep_states`` also returns, per step, the states, noises, base means and base Tweedie estimates.
         """
+        return self._run(base, guidance, n, keep_states=keep_states, accumulate_rnd=accumulate_rnd,
+                         progress=progress)
+
+    def rsample(self, base: BaseModel, guidance: Guidance, n: int, *, progress: bool = False) -> Trajectory:
+        """Like :meth:`sample`, but differentiable: ``x0`` and ``control_cost`` keep the autograd graph through
+        every step, the guidance and the base network (the reparametrised path; memory grows with ``N``)."""
+        with torch.enable_grad():
+            return self._run(base, guidance, n, keep_states=False, accumulate_rnd=True, progress=progress)
+
+    def _run(self, base, guidance, n, *, keep_states, accumulate_rnd, progress) -> Trajectory:
         if n < 1:
             raise ValueError(f"number of samples must be >= 1, got {n}")
-        sched = base.schedule.discretise(self.n_steps)
         x = base.prior_sample(n)
         log_rnd = torch.zeros(n, dtype=torch.float64)
         control_cost = torch.zeros(n, dtype=torch.float64)
-        states = [x] if keep_states else None
-        noises = [] if keep_states else None
-        steps = range(self.n_steps, 0, -1)
-        for k in tqdm(steps, desc="sampling", leave=False, disable=not (progress and progress_enabled())):
-            t = torch.full((n,), float(sched.t[k]), dtype=x.dtype)
-            alpha, beta, abar = float(sched.alpha[k]), float(sched.beta[k]), float(sched.alphabar[k])
-            sigma = beta ** 0.5
+        keep = {"states": [x], "noises": [], "base_means": [], "x0_hats": []} if keep_states else None
+        bar = tqdm(self.steps(base), desc="sampling", leave=False, disable=not (progress and progress_enabled()))
+        for step in bar:
+            t = step.times(n, x.dtype)
             eps = base.eps(x, t)
+            x0_hat = base.x0_hat(x, t, eps)
             # 1. base mean
-            mu0 = (x - beta / (1 - abar) ** 0.5 * eps) / alpha ** 0.5
+            mu0 = step.base_mean(x, eps)
             z = torch.randn_like(x)
+            if keep_states:
+                keep["base_means"].append(mu0.detach())
+                keep["x0_hats"].append(x0_hat.detach())
+                keep["noises"].append(z)
             if guidance is None:
-                x = mu0 + sigma * z
+                x = mu0 + step.sigma * z
             else:
                 # 2. guidance shift from h(x_t, t), which sees the base's Tweedie estimate
-                h = guidance(x, t, base.x0_hat(x, t, eps))
-                delta = beta / alpha ** 0.5 * h
+                delta = step.shift(guidance(x, t, x0_hat))
                 # 3. step
-                x = mu0 + delta + sigma * z
+                x = mu0 + delta + step.sigma * z
                 # 4. path log-RND and control cost, float64
                 if accumulate_rnd:
-                    inc, quad = rnd_step(delta, z, sigma)
-                    log_rnd += inc
-                    control_cost += quad
+                    inc, quad = rnd_step(delta, z, step.sigma)
+                    log_rnd = log_rnd + inc.detach()
+                    control_cost = control_cost + quad
             if keep_states:
-                states.append(x)
-                noises.append(z)
-        return Trajectory(
-            x0=x, log_rnd=log_rnd, control_cost=control_cost,
-            states=torch.stack(states) if keep_states else None,
-            noises=torch.stack(noises) if keep_states else None, nfe=self.n_steps,
-        )
+                keep["states"].append(x.detach())
+        stacked = {k: torch.stack(v) for k, v in keep.items()} if keep_states else {}
+        return Trajectory(x0=x, log_rnd=log_rnd, control_cost=control_cost, nfe=self.n_steps, **stacked)

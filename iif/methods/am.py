@@ -1,0 +1,125 @@
+"""``am``: adjoint matching (Domingo-Enrich et al., ICLR 2025; METHODS.md §7.4, METHODS_UNIFIED.md §2.1)."""
+from __future__ import annotations
+
+import torch
+
+from iif.methods.base import FineTuned
+from iif.samplers.base import Trajectory
+
+Tensor = torch.Tensor
+
+
+class AdjointMatching(FineTuned):
+    """Regress the control onto the lean adjoint of detached trajectories.
+
+    The DDPM chain with ``sigma_t^2 = beta_t`` on every step is the memoryless schedule (DDIM ``eta = 1``), so the
+    lean-adjoint regression has the tilted path measure as its fixed point. Each optimiser step:
+
+    1. draw ``b`` trajectories of the current model without a graph (states ``x_N..x_0`` kept);
+    2. ``a_0 = -grad r(x_0)/lambda``                                               (terminal adjoint)
+    3. for ``t = 1..N``: ``a_t = (d mu^0_t / d x)(x_t)^T a_{t-1}``: one vector-Jacobian product of the **base**
+       mean per step (the lean adjoint; the graph of each VJP is freed at once);
+    4. at ``S`` steps per trajectory, drawn without replacement,
+       ``loss = mean || Delta_t / sigma_t + sigma_t a_t ||^2`` with ``Delta_t = beta_t / sqrt(alpha_t) h(x_t, t)``
+       (``sqrt(dt) u = Delta / sigma``); terms whose ``sqrt`` exceeds an EMA of the batch's ``clip_quantile``
+       quantile are zeroed (AM's per-sample clipping; ``clip_quantile = 1`` disables it);
+    5. clip, step.
+
+    Differentiated: ``h`` at the ``S`` selected ``(x_t, t)`` only; trajectories, adjoints, base outputs and the
+    reward are detached. Memory: ``O(N b D)`` for stored states and adjoints, activations for ``S`` steps only.
+
+    Args:
+        batch_size: ``b`` trajectories per optimiser step; grad_steps: optimiser steps per outer iteration.
+        loss_steps: ``S``, steps per trajectory in the loss (at most the sampler's ``N``).
+        clip_quantile, clip_ema: per-term clipping threshold (quantile of the batch, EMA decay of the threshold).
+        optimizer, iterations, lr_final_factor, grad_clip, ema_decay: see ``iif.methods.optim.Trainer``.
+    """
+
+    requires = frozenset({"differentiable_reward", "differentiable_base"})
+
+    def __init__(self, base, reward, sampler, guidance, buffer=None, *, batch_size: int = 512, grad_steps: int = 10,
+                 loss_steps: int = 20, clip_quantile: float = 0.9, clip_ema: float = 0.9, optimizer=None,
+                 iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
+        if min(batch_size, grad_steps, loss_steps) < 1:
+            raise ValueError(f"method.batch_size, grad_steps and loss_steps must be >= 1, got {batch_size}, "
+                             f"{grad_steps}, {loss_steps}")
+        if loss_steps > sampler.n_steps:
+            raise ValueError(f"method.loss_steps={loss_steps} exceeds the sampler's n_steps={sampler.n_steps}")
+        if not 0 < clip_quantile <= 1 or not 0 <= clip_ema < 1:
+            raise ValueError(f"method.clip_quantile must lie in (0, 1] and clip_ema in [0, 1), got {clip_quantile}, "
+                             f"{clip_ema}")
+        super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
+                         total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
+                         ema_decay=ema_decay)
+        self.batch_size, self.grad_steps, self.loss_steps = batch_size, grad_steps, loss_steps
+        self.clip_quantile, self.clip_ema = clip_quantile, clip_ema
+        self.clip_threshold: float | None = None
+        steps = sampler.steps(base)  # index i: the step x_{N-i} -> x_{N-i-1}
+        self._t = torch.tensor([s.t for s in steps])
+        self._beta = torch.tensor([s.beta for s in steps])
+        self._alpha = torch.tensor([s.alpha for s in steps])
+
+    def lean_adjoint(self, traj: Trajectory) -> Tensor:
+        """``[N, b, *shape]``: ``a`` at the states ``x_N, ..., x_1`` (index ``i`` is the state before step ``i``),
+        from ``a_0 = -grad r(x_0)/lambda`` backwards through the deterministic part of the base chain."""
+        a = -self.reward.grad_log_tilt(traj.x0).to(traj.x0.dtype)
+        steps = self.sampler.steps(self.base)
+        out = torch.empty_like(traj.states[:-1])
+        for i in range(len(steps) - 1, -1, -1):
+            step = steps[i]
+            with torch.enable_grad():
+                x = traj.states[i].detach().requires_grad_(True)
+                mu0 = step.base_mean(x, self.base.eps(x, step.times(x.shape[0], x.dtype)))
+                (a,) = torch.autograd.grad(mu0, x, a)
+            out[i] = a
+        return out
+
+    def fit_step(self, iteration: int) -> dict[str, float]:
+        losses, kept, norms, adj = [], [], [], []
+        for _ in range(self.grad_steps):
+            # 1. detached trajectories of the current model
+            with self.trainer.sampling_weights():
+                traj = self.sampler.sample(self.base, self.guidance, self.batch_size, keep_states=True)
+            # 2.-3. terminal reward gradient and the lean adjoint
+            a = self.lean_adjoint(traj)
+            # 4. regression at S steps per trajectory
+            loss, frac = self.loss(traj, a)
+            # 5. step
+            norms.append(self.trainer.minimise(loss))
+            losses.append(loss.item())
+            kept.append(frac)
+            adj.append(a[0].flatten(1).norm(dim=1).mean().item())
+        n = len(losses)
+        return {"loss": sum(losses) / n, "kept_frac": sum(kept) / n, "grad_norm": sum(norms) / n,
+                "adjoint_norm_t1": sum(adj) / n, "lr": self.trainer.lr,
+                "clip_threshold": self.clip_threshold if self.clip_threshold is not None else float("nan")}
+
+    def loss(self, traj: Trajectory, a: Tensor) -> tuple[Tensor, float]:
+        """The clipped adjoint-matching loss on ``S`` random steps per trajectory, and the fraction of terms kept."""
+        n_steps, b = a.shape[:2]
+        idx = torch.rand(b, n_steps).argsort(dim=1)[:, : self.loss_steps]  # [b, S]
+        cols = torch.arange(b)[:, None].expand_as(idx)
+        x, x0_hat, adj = traj.states[idx, cols], traj.x0_hats[idx, cols], a[idx, cols]  # [b, S, *shape]
+        flat = lambda y: y.reshape(b * self.loss_steps, *y.shape[2:])  # noqa: E731
+        i = idx.reshape(-1)
+        beta, alpha = self._beta[i], self._alpha[i]
+        shape = (-1,) + (1,) * (x.dim() - 2)
+        h = self.guidance(flat(x), self._t[i], flat(x0_hat))
+        delta = (beta / alpha.sqrt()).view(shape) * h
+        sigma = beta.sqrt().view(shape)
+        terms = ((delta / sigma + sigma * flat(adj)) ** 2).flatten(1).sum(1)  # [b*S]
+        if self.clip_quantile >= 1:
+            return terms.mean(), 1.0
+        with torch.no_grad():
+            q = torch.quantile(terms.sqrt(), self.clip_quantile).item()
+            self.clip_threshold = q if self.clip_threshold is None else (
+                self.clip_ema * self.clip_threshold + (1 - self.clip_ema) * q)
+            keep = terms.sqrt() < self.clip_threshold
+        return (terms * keep).mean(), keep.float().mean().item()
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "clip_threshold": self.clip_threshold}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.clip_threshold = state["clip_threshold"]

@@ -1,0 +1,137 @@
+"""``dpok``: KL-regularised policy gradient over the per-step Gaussian kernels (Fan et al. 2023; METHODS.md §7.3),
+for any base model with per-step kernels."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from iif.buffers.fifo import FIFOBuffer
+from iif.methods.base import FineTuned
+from iif.methods.optim import Trainer
+from iif.nn import TimeMLP
+
+Tensor = torch.Tensor
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
+    """``log N(x; mean, sigma^2 I)`` averaged over the data dimensions (DPOK's convention): ``x, mean [B, *shape]``,
+    ``sigma [B]`` -> ``[B]``."""
+    sig = sigma.reshape((-1,) + (1,) * (x.dim() - 1))
+    lp = -((x - mean) ** 2) / (2 * sig ** 2) - torch.log(sig) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).mean(1)
+
+
+class DPOK(FineTuned):
+    """Minimise ``E[ -alpha_R r(x_0)/lambda + beta_KL sum_t KL(p_theta(.|x_t) || p_pre(.|x_t)) ]`` by policy
+    gradient on single transitions. Both terms are averaged over data dimensions as in DPOK, so with
+    ``reward_weight == kl_weight`` the optimum is the tilted target (the per-step KL is then the path KL).
+
+    Each outer iteration:
+
+    1. draw ``n`` trajectories of the current policy ``p_theta(x_{t-1}|x_t) = N(mu^0_t + Delta_t, sigma_t^2)``
+       without a graph and score ``r(x_0)``; store every transition ``(x_t, t, x_{t-1}, log p_old, r)`` in a FIFO of
+       the most recent ``transitions`` ones;
+    2. ``value_steps`` steps of ``V_psi(x_t, t)`` on ``MSE(V_psi, r)``;
+    3. ``grad_steps`` policy steps, each on ``batch_size`` transitions drawn from the FIFO:
+       ``adv = r - V_psi(x_t, t)`` (no grad), ``ratio = clamp(exp(log p_theta - log p_old), 1-eps, 1+eps)``,
+       ``loss = -alpha_R mean(adv * ratio) + beta_KL mean(||Delta_t||^2 / (2 sigma_t^2 D))``;
+       differentiated: ``h_theta`` at the one sampled ``(x_t, t)`` per transition; everything else detached
+       (memory ``O(batch)``, independent of the number of steps).
+
+    Args:
+        n_samples: trajectories per iteration; transitions: FIFO capacity (DPOK: 1000 on SD).
+        grad_steps, batch_size: policy updates per iteration and transitions per update.
+        reward_weight, kl_weight: ``alpha_R``, ``beta_KL``.
+        ratio_clip: ``eps`` of the ratio clamp (DPOK: 1e-4; clamp, not PPO's min).
+        value_steps, value_batch_size, value_optimizer, value_hidden: the value network and its fit.
+        optimizer, iterations, lr_final_factor, grad_clip: see ``iif.methods.optim.Trainer``.
+    """
+
+    requires = frozenset({"per_step_kernels"})
+
+    def __init__(self, base, reward, sampler, guidance, buffer=None, *, n_samples: int = 256,
+                 transitions: int = 25600, grad_steps: int = 20, batch_size: int = 2048, reward_weight: float = 1.0,
+                 kl_weight: float = 1.0, ratio_clip: float = 1e-4, value_steps: int = 20,
+                 value_batch_size: int = 2048, value_optimizer=None, value_hidden: int = 128, optimizer=None,
+                 iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0):
+        sizes = dict(n_samples=n_samples, transitions=transitions, grad_steps=grad_steps, batch_size=batch_size,
+                     value_steps=value_steps, value_batch_size=value_batch_size)
+        for name, val in sizes.items():
+            if val < 1:
+                raise ValueError(f"method.{name} must be >= 1, got {val}")
+        if ratio_clip <= 0 or kl_weight < 0:
+            raise ValueError(f"method.ratio_clip must be > 0 and method.kl_weight >= 0, got {ratio_clip}, {kl_weight}")
+        super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
+                         total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip)
+        self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
+        self.reward_weight, self.kl_weight, self.ratio_clip = reward_weight, kl_weight, ratio_clip
+        self.value_steps, self.value_batch_size = value_steps, value_batch_size
+        self.dim = math.prod(base.sample_shape)
+        self.value = TimeMLP(self.dim, 1, hidden=value_hidden, layers=3)
+        self.value_trainer = Trainer(self.value, value_optimizer)
+        self.transitions = FIFOBuffer(capacity=transitions, prefill=0)
+        sched = base.schedule.discretise(sampler.n_steps)
+        self._t, self._beta, self._alpha = sched.t.float(), sched.beta.float(), sched.alpha.float()
+
+    # ------------------------------------------------------------------ transitions, packed as rows
+    def _pack(self, traj, log_r: Tensor) -> Tensor:
+        """``[N*n, 4D + 3]`` rows ``(x_t, x0_hat_t, mu^0_t, x_{t-1}, k, log p_old, r)``."""
+        n_steps, n = traj.noises.shape[:2]
+        flat = lambda a: a.reshape(n_steps * n, self.dim)  # noqa: E731
+        k = torch.arange(n_steps, 0, -1, dtype=torch.float32).repeat_interleave(n)
+        x_prev = traj.states[1:]
+        sigma = self._beta[k.long()].sqrt()
+        old_mean = x_prev - sigma.view(n_steps, n, 1) * traj.noises  # mu^0_t + Delta_t of the sampling policy
+        log_p_old = gaussian_log_prob(flat(x_prev), flat(old_mean), sigma)
+        return torch.cat([flat(traj.states[:-1]), flat(traj.x0_hats), flat(traj.base_means), flat(x_prev),
+                          k[:, None], log_p_old[:, None], log_r.float().repeat(n_steps)[:, None]], dim=1)
+
+    def _unpack(self, rows: Tensor):
+        d = self.dim
+        x, x0_hat, mu0, x_prev = (rows[:, i * d:(i + 1) * d] for i in range(4))
+        k = rows[:, 4 * d].long()
+        return x, x0_hat, mu0, x_prev, k, rows[:, 4 * d + 1], rows[:, 4 * d + 2]
+
+    # ------------------------------------------------------------------ algorithm
+    def fit_step(self, iteration: int) -> dict[str, float]:
+        # 1. on-policy rollouts, transitions into the FIFO
+        traj = self.sampler.sample(self.base, self.guidance, self.n_samples, keep_states=True)
+        log_r = self.reward.log_tilt(traj.x0)
+        self.transitions.add(self._pack(traj, log_r))
+        # 2. value network: V(x_t, t) ~ r(x_0)
+        v_losses = []
+        for _ in range(self.value_steps):
+            x, _, _, _, k, _, r = self._unpack(self.transitions.sample(self.value_batch_size))
+            loss = ((self.value(x, self._t[k]).squeeze(-1) - r) ** 2).mean()
+            v_losses.append(loss.item())
+            self.value_trainer.minimise(loss)
+        # 3. policy steps on single transitions
+        losses, kls = [], []
+        for _ in range(self.grad_steps):
+            x, x0_hat, mu0, x_prev, k, log_p_old, r = self._unpack(self.transitions.sample(self.batch_size))
+            t, beta, alpha = self._t[k], self._beta[k], self._alpha[k]
+            with torch.no_grad():
+                adv = r - self.value(x, t).squeeze(-1)
+            delta = (beta / alpha.sqrt())[:, None] * self.guidance(x, t, x0_hat)
+            log_p = gaussian_log_prob(x_prev, mu0 + delta, beta.sqrt())
+            ratio = torch.clamp(torch.exp(log_p - log_p_old), 1 - self.ratio_clip, 1 + self.ratio_clip)
+            kl = (delta ** 2).sum(1) / (2 * beta * self.dim)
+            loss = -self.reward_weight * (adv * ratio).mean() + self.kl_weight * kl.mean()
+            self.trainer.minimise(loss)
+            losses.append(loss.item())
+            kls.append(kl.mean().item())
+        return {"loss": sum(losses) / len(losses), "value_loss": sum(v_losses) / len(v_losses),
+                "step_kl": sum(kls) / len(kls), "kl_path": traj.control_cost.mean().item(),
+                "batch_reward_mean": (log_r * self.reward.temperature).mean().item(), "lr": self.trainer.lr,
+                "transitions": len(self.transitions)}
+
+    # ------------------------------------------------------------------ checkpointing
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "value": self.value_trainer.state_dict(),
+                "transitions": self.transitions.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.value_trainer.load_state_dict(state["value"])
+        self.transitions.load_state_dict(state["transitions"])
