@@ -1,0 +1,272 @@
+"""The online fine-tuning baselines (pathwise, VarGrad, DPOK, adjoint matching) against independent references:
+torch.distributions for DPOK's per-step log-probabilities, autograd through the base chain for AM's lean adjoint,
+the closed-form KL gradient of a Gaussian base with a linear reward for VarGrad, and the spec's loss written out
+with a full graph for VarGrad's step-wise gradient accumulation."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from iif.base_models.gmm_exact import GMMExact
+from iif.gmm import GMM
+from iif.methods.am import AdjointMatching
+from iif.methods.dpok import DPOK, gaussian_log_prob
+from iif.methods.vargrad import VarGrad
+from iif.rewards.base import Reward
+from iif.rewards.gmm import GMMReward
+from iif.samplers.ddpm import DDPMSampler
+from iif.schedule import VPSchedule
+from iif.train import compose, train
+
+FAST = ["debug=fast", "logger=none", "base_model=gmm_exact"]
+
+
+class LinearReward(Reward):
+    """``r(x) = <b, x>`` (test-local, so the closed forms below do not use the suite's reward code)."""
+
+    def __init__(self, b):
+        super().__init__()
+        self.b = torch.as_tensor(b, dtype=torch.float32)
+
+    def evaluate(self, x):
+        return x @ self.b.to(x.dtype)
+
+
+class StepwiseConstant(nn.Module):
+    """``h(x, t) = theta_k`` for the step ``k = round(t N)``: state-independent, so every path law is Gaussian."""
+
+    def __init__(self, n_steps: int, dim: int):
+        super().__init__()
+        self.n_steps = n_steps
+        self.theta = nn.Parameter(0.5 * torch.randn(n_steps + 1, dim))
+
+    def forward(self, x, t, x0_hat):
+        return self.theta[torch.round(t * self.n_steps).long()]
+
+
+def _toy(n_steps=10, seed=0):
+    torch.manual_seed(seed)
+    prior = GMM.grid([-2.0, 0.0, 2.0], var=0.1, dim=2)
+    reward = GMMReward(means=[[2.0, 2.0], [-2.0, 0.0]], weights=[0.7, 0.3], var=0.5)
+    base = GMMExact(prior, VPSchedule())
+    return prior, reward, base, DDPMSampler(n_steps)
+
+
+def _guidance(reward):
+    from iif.guidance.reward_informed import RewardInformedGuidance
+    g = RewardInformedGuidance(2, reward, hidden=32, layers=2)
+    with torch.no_grad():  # non-zero h, so that the guided and base chains differ
+        for p in g.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return g
+
+
+# ---------------------------------------------------------------------------------------------- DPOK
+def test_dpok_log_prob_equals_torch_distributions():
+    torch.manual_seed(0)
+    x, mean, sigma = torch.randn(64, 3), torch.randn(64, 3), torch.rand(64) + 0.1
+    ref = torch.distributions.Normal(mean, sigma[:, None]).log_prob(x).mean(-1)
+    assert torch.allclose(gaussian_log_prob(x, mean, sigma), ref, atol=1e-5)
+
+
+def test_dpok_old_log_probs_are_the_sampling_kernels():
+    """The stored ``log p_old`` of each transition equals ``Normal(mu^0 + Delta, sqrt(beta))`` of the guided kernel,
+    recomputed here from the base model and the guidance at the stored states with the schedule written out."""
+    prior, reward, base, sampler = _toy()
+    guid = _guidance(reward)
+    dpok = DPOK(base, reward, sampler, guid, n_samples=32, transitions=10_000, batch_size=16, value_batch_size=16)
+    traj = sampler.sample(base, guid, 32, keep_states=True)
+    rows = dpok._pack(traj, reward.log_tilt(traj.x0))
+    x, _, _, x_prev, k, log_p_old, r = dpok._unpack(rows)
+    n = sampler.n_steps
+    t = k.double() / n
+    abar = VPSchedule().m(t) ** 2
+    abar_prev = VPSchedule().m(t - 1.0 / n) ** 2
+    alpha = abar / abar_prev
+    beta = 1 - alpha
+    with torch.no_grad():
+        eps = base.eps(x, t.float())
+        mu0 = (x.double() - (beta / (1 - abar).sqrt())[:, None] * eps.double()) / alpha.sqrt()[:, None]
+        h = guid(x, t.float(), base.x0_hat(x, t.float(), eps)).double()
+    mean = mu0 + (beta / alpha.sqrt())[:, None] * h
+    ref = torch.distributions.Normal(mean, beta.sqrt()[:, None]).log_prob(x_prev.double()).mean(-1)
+    assert torch.allclose(log_p_old.double(), ref, atol=2e-4)
+    assert torch.allclose(r, reward.log_tilt(traj.x0).repeat(n))
+
+
+# ---------------------------------------------------------------------------------------------- AM
+def test_am_lean_adjoint_equals_autograd_through_the_base_chain():
+    """METHODS_UNIFIED.md §8 E3: ``a_t = -d r(x_0) / d x_t`` through the deterministic part of the base chain,
+    ``x_{s-1} = mu^0_s(x_s) + c_s`` with the offsets ``c_s`` (guidance shift + noise) frozen at their sampled values."""
+    prior, reward, base, sampler = _toy(n_steps=12)
+    guid = _guidance(reward)
+    am = AdjointMatching(base, reward, sampler, guid, batch_size=8, loss_steps=4)
+    traj = sampler.sample(base, guid, 8, keep_states=True)
+    a = am.lean_adjoint(traj)
+    n = sampler.n_steps
+    sched = VPSchedule().discretise(n)
+    offsets = traj.states[1:] - traj.base_means  # c_s = Delta_s + sigma_s z_s
+    for i in (0, 5, n - 1):
+        x = traj.states[i].clone().double().requires_grad_(True)
+        y = x
+        for j in range(i, n):
+            k = n - j
+            t = torch.full((8,), k / n)
+            eps = base.predict_eps(y, t.float()).double()
+            alpha, beta, abar = sched.alpha[k], sched.beta[k], sched.alphabar[k]
+            y = (y - beta / (1 - abar).sqrt() * eps) / alpha.sqrt() + offsets[j].double()
+        (g,) = torch.autograd.grad(-reward.gmm.log_prob(y).sum(), x)
+        assert torch.allclose(a[i].double(), g, rtol=1e-3, atol=1e-5), i
+
+
+def test_am_regression_target_is_zero_at_the_optimum_for_a_constant_adjoint():
+    """With ``h = -sqrt(alpha) a`` the AM loss terms vanish: ``Delta/sigma + sigma a = 0`` (loss of the spec's
+    ``||sqrt(dt) u + std a||^2`` written with ``Delta = beta/sqrt(alpha) h``)."""
+    prior, reward, base, sampler = _toy(n_steps=10)
+
+    class FromAdjoint(nn.Module):
+        def forward(self, x, t, x0_hat):
+            return self.h
+
+    guid = FromAdjoint()
+    am = AdjointMatching(base, reward, sampler, _guidance(reward), batch_size=4, loss_steps=10, clip_quantile=1.0)
+    traj = sampler.sample(base, None, 4, keep_states=True)
+    a = am.lean_adjoint(traj)
+    am.guidance = guid
+    # the loss evaluates h at S = N steps per trajectory in a random order; feed each its own -sqrt(alpha) a
+    torch.manual_seed(3)
+    idx = torch.rand(4, 10).argsort(dim=1)
+    cols = torch.arange(4)[:, None].expand_as(idx)
+    guid.h = (-am._alpha[idx.reshape(-1)].sqrt()[:, None] * a[idx, cols].reshape(40, 2))
+    torch.manual_seed(3)
+    loss, kept = am.loss(traj, a)
+    assert loss.item() < 1e-10 and kept == 1.0
+
+
+# ---------------------------------------------------------------------------------------------- VarGrad
+def test_vargrad_stepwise_gradient_equals_autograd_of_the_variance():
+    """The step-at-a-time accumulation equals autograd of ``var(ell)`` with ``ell`` built over the whole
+    trajectory as in [IIF 59] (discrete form of METHODS.md §7.2)."""
+    prior, reward, base, sampler = _toy(n_steps=8)
+    guid = _guidance(reward)
+    vg = VarGrad(base, reward, sampler, guid, batch_size=64)
+    traj = sampler.sample(base, guid, 64, keep_states=True)
+    log_r = reward.log_tilt(traj.x0).double()
+    vg.trainer.zero_grad()
+    vg.accumulate_gradient(traj, -traj.log_rnd - log_r)
+    got = [p.grad.clone() for p in guid.parameters()]
+
+    sched = VPSchedule().discretise(8)
+    ell = -log_r
+    for i, k in enumerate(range(8, 0, -1)):
+        x, x_next, z = traj.states[i], traj.states[i + 1], traj.noises[i]
+        alpha, beta = float(sched.alpha[k]), float(sched.beta[k])
+        delta = beta / math.sqrt(alpha) * guid(x, torch.full((64,), k / 8), traj.x0_hats[i])
+        sg = delta.detach()
+        ell = ell + ((delta * sg).sum(1) / beta - (delta ** 2).sum(1) / (2 * beta)
+                     + (delta * z).sum(1) / math.sqrt(beta))
+    assert torch.allclose(ell.detach(), -traj.log_rnd - log_r, atol=1e-4)  # ell at v = h is -log RND - r
+    ref = torch.autograd.grad(ell.var(), list(guid.parameters()))
+    for g, r in zip(got, ref):
+        assert torch.allclose(g, r.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_vargrad_gradient_is_twice_the_kl_gradient_gaussian_linear():
+    """Gaussian base ``N(mu, s^2 I)``, linear reward ``<b, x>``, state-independent ``h = theta_k``: the chain is
+    linear-Gaussian, ``KL(P^h||P^tilt) = sum_k ||Delta_k||^2 / (2 beta_k) - <b, E_h x_0> + log Z`` with
+    ``E_h x_0 = E_0 x_0 + sum_k G_k Delta_k``, ``G_k`` the product of the base-mean slopes of the later steps
+    (METHODS_UNIFIED.md §9.1). The VarGrad gradient at ``v = h`` must be twice its gradient."""
+    torch.manual_seed(0)
+    n, mu, s2 = 6, torch.tensor([0.5, -1.0]), 0.3
+    prior = GMM.isotropic(mu[None], torch.ones(1), var=s2)
+    sched = VPSchedule()
+    base = GMMExact(prior, sched)
+    sampler = DDPMSampler(n)
+    b = torch.tensor([1.0, -0.5])
+    reward = LinearReward(b)
+    guid = StepwiseConstant(n, 2)
+    vg = VarGrad(base, reward, sampler, guid, batch_size=2)
+
+    disc = sched.discretise(n)
+    slope = {k: (1 - float(disc.beta[k]) / (float(disc.alphabar[k]) * s2 + 1 - float(disc.alphabar[k])))
+             / math.sqrt(float(disc.alpha[k])) for k in range(1, n + 1)}  # d mu^0_k / dx for the Gaussian base
+    expected = torch.zeros(n + 1, 2, dtype=torch.float64)
+    for k in range(1, n + 1):
+        c = float(disc.beta[k]) / math.sqrt(float(disc.alpha[k]))
+        g_k = math.prod(slope[j] for j in range(1, k))  # x_0 depends on Delta_k through steps k-1..1
+        delta = c * guid.theta[k].detach().double()
+        expected[k] = c * (delta / float(disc.beta[k]) - g_k * b.double())
+
+    grads = []
+    for _ in range(20):  # 20 x 20k trajectories
+        traj = sampler.sample(base, guid, 20_000, keep_states=True)
+        ell = -traj.log_rnd - reward.log_tilt(traj.x0).double()
+        vg.trainer.zero_grad()
+        vg.accumulate_gradient(traj, ell)
+        grads.append(guid.theta.grad.double().clone())
+    g = torch.stack(grads)
+    mean, se = g.mean(0), g.std(0) / math.sqrt(len(grads))
+    err = (mean[1:] - 2 * expected[1:]).abs()
+    assert (err <= 4 * se[1:] + 1e-3).all(), (mean[1:], 2 * expected[1:], se[1:])
+    assert (2 * expected[1:]).abs().max() > 20 * se[1:].max()  # the test has power
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.parametrize("method", ["pathwise", "vargrad", "dpok", "am"])
+def test_method_runs_and_resumes_to_the_same_result(tmp_path, monkeypatch, method):
+    """A few iterations end to end; a run killed after iteration 1 and resumed ends identical to a straight run
+    (guidance, optimiser, method state such as DPOK's value net and transitions or AM's clip threshold, RNG)."""
+    from hydra.utils import get_class
+    overrides = [*FAST, f"method={method}", "iterations=3", "checkpoint_every=1"]
+    cfg, choices = compose(overrides)
+    reference = train(cfg, tmp_path / "straight", choices)
+    assert reference["iterations"] == 3 and 0 <= reference["mode_tv"] <= 1 and reference["base_nfe"] > 0
+
+    cls = get_class(cfg.method._target_)
+    original = cls.fit_step
+
+    def crash_at_2(self, iteration):
+        if iteration == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, iteration)
+
+    monkeypatch.setattr(cls, "fit_step", crash_at_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(*compose(overrides)[:1], tmp_path / "killed", choices)
+    monkeypatch.setattr(cls, "fit_step", original)
+    resumed = train(compose(overrides)[0], tmp_path / "killed", choices)
+    keys = ("mode_tv", "energy_distance", "reward_mean", "sc_loss", "base_nfe", "reward_evals", "reward_grad_evals")
+    assert {k: resumed[k] for k in keys} == {k: reference[k] for k in keys}
+
+
+@pytest.mark.parametrize("method", ["pathwise", "am"])
+def test_gradient_methods_refuse_a_black_box_reward_at_start_up(tmp_path, method):
+    from iif.train import ConfigError
+    cfg, choices = compose([*FAST, f"method={method}", "reward=gmm_blackbox", "guidance=mlp"])
+    with pytest.raises(ConfigError, match=f"method '{method}' needs differentiable reward.*reward 'gmm_blackbox'"):
+        train(cfg, tmp_path / "r", choices)
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("method", ["vargrad", "dpok"])
+def test_value_only_methods_run_with_a_black_box_reward(tmp_path, method):
+    """VarGrad and DPOK use reward values only: with a gradient-free guidance they accept a black-box reward,
+    and no reward gradient is ever taken."""
+    cfg, choices = compose([*FAST, f"method={method}", "reward=gmm_blackbox", "guidance=mlp"])
+    final = train(cfg, tmp_path / "r", choices)
+    assert final["reward_grad_evals"] == 0 and final["reward_evals"] > 0
+
+
+def test_methods_needing_base_vjps_refuse_a_base_without_them(tmp_path, monkeypatch):
+    """A base model that cannot be differentiated in x (e.g. a compiled or remote model) cannot serve AM or the
+    pathwise method; the error names the method and the base model."""
+    from iif.train import ConfigError
+    monkeypatch.setattr(GMMExact, "provides", frozenset({"per_step_kernels"}))
+    cfg, choices = compose([*FAST, "method=am"])
+    with pytest.raises(ConfigError, match="method 'am' needs differentiable base.*base_model 'gmm_exact'"):
+        train(cfg, tmp_path / "r", choices)
+    cfg, choices = compose([*FAST, "method=dpok"])  # per-step kernels suffice
+    assert train(cfg, tmp_path / "ok", choices)["iterations"] == 2
