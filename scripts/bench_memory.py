@@ -9,9 +9,10 @@ Every (method, steps) pair runs in a fresh subprocess (this script, hidden flag 
 measurement's allocations cannot hide another's: the components are built from the default config with
 ``base_model=gmm_exact`` (analytic base: the memory measured is the method's, not a large network's) and the
 common sizes below (one optimiser step on 256 trajectories, so methods are compared per update); ``setup()``
-(IIF's buffer prefill) and one warm-up iteration at the same settings run first, then the peak-RSS counter is
-reset (``/proc/self/clear_refs`` <- 5) and the second iteration is measured: ``increase = VmHWM after - VmRSS
-before`` (MB, 2^20 bytes) and its wall time.
+(IIF's buffer prefill) runs first, then the peak-RSS counter is reset (``/proc/self/clear_refs`` <- 5), two
+iterations run (a warm-up and the timed one) and ``increase = VmHWM after - VmRSS before`` (MB, 2^20 bytes) is
+the most memory an iteration added; the wall time is the second iteration's. (Measuring the peak after a
+warm-up would hide it: memory freed by the allocator stays in the process.)
 
 Read ``increase_ratio = increase(max steps) / increase(min steps)`` per method: ~1 is flat in the number of
 steps, ~max/min is linear. What to expect, and why:
@@ -65,11 +66,11 @@ def child(spec: dict) -> dict:
     cfg, comp = build_components(overrides)
     comp.base.prepare()
     comp.method.setup()
-    comp.method.fit_step(0)  # warm-up: allocator pools, lazy initialisation
     gc.collect()
     peak_reset = reset_peak_rss()
-    before = proc_status_kb()["VmRSS"] / 1024
-    t0 = time.perf_counter()
+    before = proc_status_kb()["VmRSS"] / 1024  # after setup: the buffer prefill is not part of an iteration
+    comp.method.fit_step(0)  # warm-up (allocator pools, lazy initialisation); its peak counts: freed memory stays
+    t0 = time.perf_counter()  # in the process, so a peak measured after it would hide the iteration's own
     comp.method.fit_step(1)
     wall = time.perf_counter() - t0
     peak = proc_status_kb()["VmHWM"] / 1024

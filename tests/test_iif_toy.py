@@ -31,6 +31,11 @@ def runs(tmp_path_factory):
     out["iif"] = json.loads((run_dir / "metrics.json").read_text())
     cfg, choices = compose(["method=reward_only", "base_model=gmm_exact", "logger=none", "iterations=30"])
     out["reward_only"] = train(cfg, tmp_path_factory.mktemp("reward_only"), choices)
+    for method in ("pathwise", "cg_oracle"):  # online fine-tuning at its figure1 budget; the best-gamma guidance
+        cfg, choices = compose([f"method={method}", "base_model=gmm_exact", "logger=none", "iterations=30"])
+        out[method] = train(cfg, tmp_path_factory.mktemp(method), choices)
+    cfg, choices = compose(["method=base", "base_model=gmm_exact", "logger=none"])
+    out["base"] = train(cfg, tmp_path_factory.mktemp("base"), choices)
     # the exact optimal h* (closed form) on the same sampler, scored by the same evaluator
     cfg, _ = compose(["base_model=gmm_exact", "logger=none", "method=base"])
     comp = build(cfg)
@@ -50,6 +55,21 @@ def test_reward_only_collapses(runs):
     assert runs["reward_only"]["mode_tv"] > 0.2
     assert runs["reward_only"]["mode_tv"] > 4 * runs["iif"]["mode_tv"]
     assert runs["reward_only"]["reward_mean"] > runs["iif"]["reward_mean"]
+
+
+def test_ordering_of_the_baselines(runs):
+    """IIF beats classifier guidance even at its oracle gamma, which beats reward-only fine-tuning (the paper's
+    gamma, max E[r], is worse still here: 0.43, see README)."""
+    assert runs["iif"]["mode_tv"] < runs["cg_oracle"]["mode_tv"] < runs["reward_only"]["mode_tv"]
+
+
+def test_pathwise_online_fine_tuning_moves_to_the_target(runs):
+    """The pathwise SC-loss method at its figure1 budget (240 optimiser steps on 256 trajectories): most of the
+    way from the base (mode_tv 0.44) to the target, and an SC loss far below the base's. It does not reach the
+    0.05 of IIF at this budget (0.10-0.13 over the settings tried; 0.098 after 1500 steps; see README)."""
+    assert runs["pathwise"]["mode_tv"] < 0.16
+    assert runs["pathwise"]["mode_tv"] < runs["cg_oracle"]["mode_tv"]
+    assert runs["pathwise"]["sc_loss"] < runs["base"]["sc_loss"] - 0.6
 
 
 def test_iif_approaches_the_control_optimum(runs):
