@@ -92,11 +92,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     p.add_argument("--out", default=None, help="output folder (default outputs/ARTIFACT)")
     p.add_argument("--skip-runs", action="store_true", help="only aggregate existing run directories")
+    p.epilog = "Hydra overrides for every run go after --, e.g. iif-reproduce figure1 --seeds 0 -- iterations=20"
     p.add_argument("--jobs", type=int, default=1,
                    help="runs in parallel on this machine, one torch thread each (joblib launcher); default 1: one "
                         "after another with all cores (on 2-core machines that is faster)")
-    p.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run (after --)")
-    args = p.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Hydra overrides follow `--`; split them off first (argparse cannot take options between a positional and a
+    # trailing `nargs="*"` positional: `figure1 --seeds 0 -- x=1` would be refused)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    args = p.parse_args(argv[:cut])
+    args.overrides = argv[cut + 1:]
 
     spec = load_spec(args.artifact)
     if args.scale not in spec.scales:
@@ -112,9 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     if not runs:
         raise SystemExit(f"iif-reproduce: error: no finished runs under {runs_dir}")
     metrics = list(spec.metrics)
-    rows = aggregate(runs, "method", metrics, order=list(spec.methods))
-    for r in rows:
-        r["run_dirs"] = [x["run_dir"] for x in runs if x["method"] == r["method"]]
+    rows = aggregate(runs, "method", metrics, order=list(spec.methods))  # rows carry their run_dirs
     md = write_tables(rows, "method", metrics, out_dir)
     make_figure(spec, rows, out_dir)
     lines = check_claims(spec, rows)

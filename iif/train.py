@@ -1,7 +1,7 @@
 """``iif-train``: one fine-tuning run, configured by Hydra (``conf/``).
 
 Reads top to bottom: compose → validate → seed → build → resume if a checkpoint exists → loop (method step, log,
-evaluate, checkpoint) → final evaluation → ``metrics.json``, figure.
+evaluate, checkpoint) → final evaluation → figure, ``metrics.json``.
 
     iif-train experiment=toy2d method=iif
     iif-train -m experiment=toy2d method=iif,reward_only seed=0,1,2
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import resource
 import shutil
 import sys
@@ -135,6 +136,33 @@ def save_checkpoint(run_dir: Path, comp: Components, iteration: int, wall_s: flo
     }, run_dir / CHECKPOINT)
 
 
+# Kill safety (scripts/kill_test.py SIGKILLs a run at random moments and checks that the restarted run ends
+# identical to an uninterrupted one). Files are written atomically; a row of metrics.jsonl is written before the
+# checkpoint of its iteration, so a run killed in between has rows past its checkpoint: resuming keeps the rows up to
+# the checkpoint's iteration and recomputes the rest, so each iteration is logged once.
+def rows_up_to(metrics_log: Path, iteration: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` of iterations ``<= iteration``. They end at the first line that does not
+    parse: a last row torn by a kill (a write over a page, a network file system) would otherwise stop every
+    resume with a JSON error."""
+    kept = []
+    for line in (metrics_log.read_text().splitlines() if metrics_log.exists() else []):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        if row["iteration"] <= iteration:
+            kept.append(line)
+    return kept
+
+
+def remove_stale_temp_files(run_dir: Path) -> None:
+    """Delete the temp files (``.<name>.<random>.tmp``) of atomic writes that a killed process left behind; each
+    can be as large as a checkpoint and a requeued run would collect one per kill. Called at start-up, when no
+    write of this process is in flight (one process runs in a run directory at a time)."""
+    for path in run_dir.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
 def load_checkpoint(path: Path, method_name: str) -> dict:
     try:
         ckpt = torch.load(path, weights_only=True)
@@ -205,9 +233,8 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         start, wall_s, run_id = ckpt["iteration"], ckpt["wall_s"], ckpt["wandb_run_id"]
         log.info("resuming %s from iteration %d", run_dir, start)
     metrics_log = run_dir / "metrics.jsonl"
-    kept = [l for l in metrics_log.read_text().splitlines() if json.loads(l)["iteration"] <= start] \
-        if metrics_log.exists() else []
-    atomic_write_text(metrics_log, "".join(l + "\n" for l in kept))
+    atomic_write_text(metrics_log, "".join(l + "\n" for l in rows_up_to(metrics_log, start)))
+    remove_stale_temp_files(run_dir)
 
     exp = choices.get("experiment", "run")
     logger = instantiate(cfg.logger)
@@ -242,12 +269,14 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), **comp.budget.snapshot(), iterations=cfg.iterations,
                      seed=cfg.seed, method=method_name, base_model=choices.get("base_model"), experiment=exp)
         atomic_torch_save(samples[:4000].clone(), run_dir / "samples.pt")
-        atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
         with torch.random.fork_rng():
             torch.manual_seed(0)
             prior_samples = comp.prior.sample(4000)
         fig = toy_figure({method_name: samples}, comp.target, prior_samples)
         fig.savefig(run_dir / "samples.png", dpi=110)
+        # metrics.json last: it marks a finished run (iif-table and iif-reproduce read only runs that have it); a
+        # run killed before it resumes from its final checkpoint and evaluates again, to the same numbers.
+        atomic_write_text(run_dir / "metrics.json", json.dumps(final, indent=2) + "\n")
         logger.log({k: v for k, v in final.items() if isinstance(v, (int, float))}, step=cfg.iterations)
         logger.log_figure("samples", fig, step=cfg.iterations)
         plt.close(fig)
@@ -267,13 +296,17 @@ def _derived(cfg: DictConfig) -> str:
     return f"{cfg.sampler.n_steps} sampling steps; " + (", ".join(sizes) if sizes else "no training")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")  # absolute: the console script too
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     apply_debug_overrides(cfg, list(hc.overrides.task))
     try:
         final = train(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
     except ConfigError as e:
+        # In a submitit job (launcher=slurm|slurm_local) raise: submitit records only exceptions as a job's result,
+        # and the submitting process, which sees a job die otherwise only through sacct, would wait for it forever.
+        if os.environ.get("SUBMITIT_EXECUTOR"):
+            raise
         print(f"iif-train: error: {e}", file=sys.stderr)
         sys.exit(2)
     return final.get("mode_tv")

@@ -10,7 +10,7 @@ import torch
 from iif.reproduce import main as reproduce
 from iif.table import aggregate, load_runs, mean_se
 
-METHODS = ["base", "iif", "reward_only", "cg", "cg_oracle", "topk"]
+METHODS = ["base", "iif", "reward_only", "cg", "cg_oracle", "pathwise", "vargrad", "dpok", "am", "topk"]
 
 
 def _fake_runs(root, values: dict[str, list[float]]):
@@ -34,16 +34,20 @@ def test_mean_and_standard_error_by_hand():
 
 def test_reproduce_aggregates_run_directories_and_checks_claims(tmp_path):
     values = {"base": [0.44, 0.45, 0.43], "iif": [0.05, 0.06, 0.04], "reward_only": [0.36, 0.37, 0.35],
-              "cg": [0.43, 0.43, 0.43], "cg_oracle": [0.26, 0.27, 0.25], "topk": [0.12, 0.13, 0.11]}
+              "cg": [0.43, 0.43, 0.43], "cg_oracle": [0.26, 0.27, 0.25], "pathwise": [0.08, 0.09, 0.07],
+              "vargrad": [0.1, 0.1, 0.1], "dpok": [0.2, 0.2, 0.2], "am": [0.07, 0.07, 0.07],
+              "topk": [0.12, 0.13, 0.11]}
     _fake_runs(tmp_path / "runs", values)
-    assert reproduce(["figure1", "--skip-runs", "--out", str(tmp_path)]) == 0
+    # options before `--`, Hydra overrides after it (unused with --skip-runs, but parsed)
+    assert reproduce(["figure1", "--skip-runs", "--seeds", "0,1,2", "--out", str(tmp_path), "--",
+                      "iterations=20"]) == 0
     rows = {r["method"]: r for r in csv.DictReader((tmp_path / "table.csv").open())}
     assert list(rows) == METHODS  # the spec's order
     for method, tvs in values.items():
         mean, se = mean_se(tvs)
         assert float(rows[method]["mode_tv"]) == mean and float(rows[method]["mode_tv_se"]) == se
     report = (tmp_path / "table.md").read_text()
-    assert report.count("PASS") == 4 and "FAIL" not in report
+    assert report.count("PASS") == 5 and "FAIL" not in report
     assert (tmp_path / "figure.png").stat().st_size > 0
 
 

@@ -13,7 +13,8 @@ import torch
 from iif.rewards.base import RewardError
 from iif.train import CONF_DIR, ConfigError, build, compose, train
 
-GROUPS = ["base_model", "reward", "guidance", "method", "sampler", "buffer", "logger", "experiment", "debug"]
+GROUPS = ["base_model", "reward", "guidance", "method", "sampler", "buffer", "logger", "launcher", "resources",
+          "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 FAST = ["debug=fast", "logger=none", "base_model=gmm_exact"]
 
