@@ -34,10 +34,16 @@ def _style(ax, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
-def toy_figure(panels: dict[str, torch.Tensor], target, prior_samples: torch.Tensor):
-    """Prior samples, exact tilted density, then one panel of samples per entry of ``panels``."""
+def toy_figure(panels: dict[str, torch.Tensor], target, prior_samples: torch.Tensor, max_cols: int = 6):
+    """Prior samples, exact tilted density, then one panel of samples per entry of ``panels``; rows of at most
+    ``max_cols`` panels."""
     n = 2 + len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(2.4 * n, 2.6))
+    cols = min(n, max_cols)
+    rows = -(-n // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    axes = list(grid.flat)
+    for ax in axes[n:]:
+        ax.axis("off")
     samples_panel(axes[0], prior_samples, "prior samples")
     density_panel(axes[1], target.log_prob, "exact tilted target")
     for ax, (name, x) in zip(axes[2:], panels.items()):

@@ -31,7 +31,7 @@ def runs(tmp_path_factory):
     out["iif"] = json.loads((run_dir / "metrics.json").read_text())
     cfg, choices = compose(["method=reward_only", "base_model=gmm_exact", "logger=none", "iterations=30"])
     out["reward_only"] = train(cfg, tmp_path_factory.mktemp("reward_only"), choices)
-    for method in ("pathwise", "cg_oracle"):  # online fine-tuning at its figure1 budget; the best-gamma guidance
+    for method in ("pathwise", "cg_oracle"):  # online fine-tuning at 30 iterations; the best-gamma guidance
         cfg, choices = compose([f"method={method}", "base_model=gmm_exact", "logger=none", "iterations=30"])
         out[method] = train(cfg, tmp_path_factory.mktemp(method), choices)
     cfg, choices = compose(["method=base", "base_model=gmm_exact", "logger=none"])
@@ -64,7 +64,7 @@ def test_ordering_of_the_baselines(runs):
 
 
 def test_pathwise_online_fine_tuning_moves_to_the_target(runs):
-    """The pathwise SC-loss method at its figure1 budget (240 optimiser steps on 256 trajectories): most of the
+    """The pathwise SC-loss method at 30 iterations (240 optimiser steps on 256 trajectories): most of the
     way from the base (mode_tv 0.44) to the target, and an SC loss far below the base's. It does not reach the
     0.05 of IIF at this budget (0.10-0.13 over the settings tried; 0.098 after 1500 steps; see README)."""
     assert runs["pathwise"]["mode_tv"] < 0.16
