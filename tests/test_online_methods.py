@@ -270,3 +270,13 @@ def test_methods_needing_base_vjps_refuse_a_base_without_them(tmp_path, monkeypa
         train(cfg, tmp_path / "r", choices)
     cfg, choices = compose([*FAST, "method=dpok"])  # per-step kernels suffice
     assert train(cfg, tmp_path / "ok", choices)["iterations"] == 2
+
+
+@pytest.mark.parametrize("method", ["pathwise", "vargrad", "dpok", "am"])
+def test_method_runs_on_the_learned_base(tmp_path, method):
+    """The same methods on the MLP base (pretrained by the suite; debug=fast: 200 steps): backpropagation and base
+    VJPs go through the network in x, its weights stay frozen."""
+    cfg, choices = compose(["debug=fast", "logger=none", "base_model=toy2d", f"method={method}"])
+    final = train(cfg, tmp_path / "r", choices)
+    assert final["base_model"] == "toy2d" and 0 <= final["mode_tv"] <= 1 and final["base_nfe"] > 0
+    assert math.isfinite(final["sc_loss"])
