@@ -11,9 +11,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,13 +23,15 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import trange
 
 from iif.budget import Budget
 from iif.plotting import plt, toy_figure
-from iif.utils import ConfigError, atomic_torch_save, atomic_write_text, progress_enabled
+from iif.utils import ConfigError, RunError, atomic_torch_save, atomic_write_text, progress_enabled
 
 log = logging.getLogger("iif.train")
 
@@ -84,6 +88,39 @@ def check_sizes(cfg: DictConfig) -> None:
     for key in ("iterations", "checkpoint_every", "eval_every"):
         if cfg[key] < (1 if key == "checkpoint_every" else 0):
             raise ConfigError(f"{key} must be {'>= 1' if key == 'checkpoint_every' else '>= 0'}, got {cfg[key]}")
+
+
+def config_error_from(e: Exception) -> ConfigError | None:
+    """A constructor that rejected its arguments (a ``ValueError`` naming the key, e.g. ``method.n_samples must be
+    >= 1, got 0``) is the user's error: one line, not Hydra's instantiation traceback. ``None`` for anything else
+    (a bug keeps its traceback)."""
+    cause = e
+    while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    if cause is e or not isinstance(cause, ValueError):
+        return None
+    message = " ".join(str(cause).split())
+    key = re.search(r"full_key: (\S+)", str(e))
+    if key and key.group(1) not in message:
+        message = f"{key.group(1)}: {message}"
+    return ConfigError(message)
+
+
+def check_cache_writable(base, choices: dict[str, str]) -> None:
+    """A base model that pretrains and caches its weights (``cache_path()``) and finds none cached must be able to
+    write them, or its pretraining is lost at the end (checked before pretraining; a read-only cache that already
+    holds the weights is fine)."""
+    if not hasattr(base, "cache_path") or (path := Path(base.cache_path())).exists():
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as e:
+        raise ConfigError(
+            f"base_model '{choices.get('base_model', '?')}' has no cached weights at {path} and cannot write them "
+            f"there ({type(e).__name__}: {e.strerror or e}); set cache_dir (or IIF_CACHE) to a writable folder, or "
+            "copy the weights there") from None
 
 
 @dataclass
@@ -215,7 +252,13 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         if cfg.get("torch_threads"):
             torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
-        comp = build(cfg)
+        try:
+            comp = build(cfg)
+        except InstantiationException as e:  # a constructor rejected its arguments: name the key, one line
+            if (error := config_error_from(e)) is None:
+                raise
+            raise error from e
+        check_cache_writable(comp.base, choices)
         ckpt_path = run_dir / CHECKPOINT
         ckpt = load_checkpoint(ckpt_path, method_name) if ckpt_path.exists() else None
     except Exception:
@@ -239,7 +282,7 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
     exp = choices.get("experiment", "run")
     logger = instantiate(cfg.logger)
     logger.start(run_dir, resolved, name=f"{exp}-{method_name}-{choices.get('base_model', '')}-s{cfg.seed}",
-                 group=exp, run_id=run_id)
+                 group=exp, run_id=run_id, tags=run_tags(cfg, choices))
     log.info("run %s: method=%s base_model=%s, %d iterations, %s", run_dir, method_name,
              choices.get("base_model"), cfg.iterations, _derived(cfg))
     exit_code = 1
@@ -287,6 +330,16 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         logger.finish(exit_code)
 
 
+def run_tags(cfg: DictConfig, choices: dict[str, str]) -> list[str]:
+    """Tags for the experiment logger: the chosen options that tell runs of one experiment apart, the seed, and in
+    a multirun the sweep (its directory's name), so the runs of one sweep can be filtered out of the group."""
+    tags = [f"{g}={choices[g]}" for g in ("method", "base_model", "reward", "sampler") if choices.get(g)]
+    tags.append(f"seed={cfg.seed}")
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        tags.append(f"sweep={Path(HydraConfig.get().sweep.dir).name}")
+    return tags
+
+
 def _derived(cfg: DictConfig) -> str:
     """The sizes a user wants to see (nanoGPT style)."""
     m = cfg.method
@@ -302,13 +355,13 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     apply_debug_overrides(cfg, list(hc.overrides.task))
     try:
         final = train(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
-    except ConfigError as e:
+    except (ConfigError, RunError) as e:
         # In a submitit job (launcher=slurm|slurm_local) raise: submitit records only exceptions as a job's result,
         # and the submitting process, which sees a job die otherwise only through sacct, would wait for it forever.
         if os.environ.get("SUBMITIT_EXECUTOR"):
             raise
         print(f"iif-train: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(2 if isinstance(e, ConfigError) else 1)  # 2: nothing was run; 1: the run stopped
     return final.get("mode_tv")
 
 

@@ -13,6 +13,11 @@ class ConfigError(ValueError):
     """A configuration that cannot work; raised before any compute is spent."""
 
 
+class RunError(RuntimeError):
+    """A run that cannot go on because of what it was given, found only while running (e.g. nothing accepted into
+    an empty replay buffer); ``iif-train`` reports it as one line (exit status 1), not as a traceback."""
+
+
 def progress_enabled() -> bool:
     """Progress bars only on an interactive terminal, never under CI."""
     return sys.stderr.isatty() and not os.environ.get("CI")

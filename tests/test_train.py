@@ -3,6 +3,7 @@ resumes to the same result, and bad input fails early with one clear error."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -174,14 +175,36 @@ def test_foreign_checkpoint_is_refused(tmp_path):
 
 
 def test_wandb_offline_run_is_written_and_readable(tmp_path):
-    """logger=wandb (offline): the run file holds the config and the logged metrics; read back with wandb's reader."""
-    from iif.loggers.wandb_file import read_run
+    """logger=wandb (offline), read back from the run file: name built from the options, group = experiment, tags
+    (configured + chosen options), the resolved config, every iteration's metrics (equal to metrics.jsonl), the final
+    metrics (equal to metrics.json, in the summary) and the samples figure as an image file."""
+    from iif.loggers.wandb_file import read_run_info
 
-    cfg, choices = compose(["debug=fast", "base_model=gmm_exact", "logger=wandb"])
+    cfg, choices = compose(["debug=fast", "base_model=gmm_exact", "logger=wandb", "seed=3", "logger.tags=[mine]"])
     final = train(cfg, tmp_path / "r", choices)
     files = list((tmp_path / "r").glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 1
-    config, history = read_run(files[0])
-    assert config["method"]["n_samples"] == 256  # the resolved config arrived
-    assert [h["iteration"] for h in history if "iteration" in h][:2] == [1, 2]
-    assert any(h.get("mode_tv") == pytest.approx(final["mode_tv"]) for h in history)
+    info = read_run_info(files[0])
+    assert info["run_id"] == torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["wandb_run_id"]
+    assert info["name"] == "toy2d-iif-gmm_exact-s3" and info["group"] == "toy2d" and info["project"] == "iif"
+    assert info["tags"] == ["mine", "method=iif", "base_model=gmm_exact", "reward=gmm", "sampler=ddpm", "seed=3"]
+    config = info["config"]
+    assert config["method"]["n_samples"] == 256 and config["seed"] == 3  # the resolved config (debug=fast applied)
+    assert config["cache_dir"] == cfg.cache_dir and "${" not in json.dumps(config)
+    rows = [json.loads(l) for l in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    by_step = {h["_step"]: h for h in info["history"] if "_step" in h}
+    assert sorted(by_step) == [1, 2]
+    for row in rows:  # every per-iteration metric, as written to the run directory
+        logged = by_step[row["iteration"]]
+        assert {k: logged[k] for k in row} == pytest.approx(row)
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    numeric = {k: v for k, v in saved.items() if isinstance(v, (int, float))}
+    assert {"mode_tv", "energy_distance", "reward_mean", "wall_s"} <= set(numeric)
+    assert {k: info["summary"][k] for k in numeric} == pytest.approx(numeric)
+    assert info["summary"]["mode_tv"] == pytest.approx(final["mode_tv"])
+    image = by_step[2]  # the figure, logged at the last step
+    assert image["samples/_type"] == "image-file" and image["samples/format"] == "png"
+    png = files[0].parent / "files" / image["samples/path"]
+    assert image["samples/path"] in info["files"] and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = struct.unpack(">II", png.read_bytes()[16:24])
+    assert (width, height) == (image["samples/width"], image["samples/height"]) and width > 100

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from iif.utils import RunError
+
 Tensor = torch.Tensor
 
 
@@ -35,8 +37,8 @@ class FIFOBuffer:
     def sample(self, batch_size: int) -> Tensor:
         """Uniform minibatch ``[batch_size, *shape]`` (with replacement)."""
         if len(self) == 0:
-            raise RuntimeError("the replay buffer is empty: nothing was accepted and no prefill was configured "
-                               "(set buffer.prefill > 0 or raise the acceptance rate)")
+            raise RunError("the replay buffer is empty: nothing was accepted and no prefill was configured "
+                           "(set buffer.prefill > 0 or raise the acceptance rate)")
         return self.data[torch.randint(len(self), (batch_size,))]
 
     def state_dict(self) -> dict:

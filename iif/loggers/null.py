@@ -10,7 +10,8 @@ class NullLogger:
     def __init__(self, **_):
         pass
 
-    def start(self, run_dir: str, config: dict, name: str, group: str, run_id: str | None = None) -> None:
+    def start(self, run_dir: str, config: dict, name: str, group: str, run_id: str | None = None,
+              tags: list[str] = ()) -> None:
         self.run_id = run_id
 
     def log(self, metrics: dict, step: int) -> None:

@@ -61,3 +61,34 @@ def read_run(path: str | Path) -> tuple[dict, list[dict]]:
         elif rec.HasField("config"):
             config.update({i.key: json.loads(i.value_json) for i in rec.config.update})
     return config, history
+
+
+def read_run_info(path: str | Path) -> dict:
+    """Everything a test or ``scripts/wandb_sync.py`` checks in an offline run file, as plain Python:
+
+    ``run_id``, ``project``, ``entity``, ``name``, ``group``, ``job_type``, ``tags`` (from the run record),
+    ``config`` and ``history`` (as :func:`read_run`), ``summary`` (the last value of each key, W&B's own
+    bookkeeping keys starting with ``_`` left out) and ``files`` (paths, relative to the run's ``files/`` folder,
+    of the files the run saved: media such as logged images).
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    info = {"run_id": None, "project": None, "entity": None, "name": None, "group": None, "job_type": None,
+            "tags": [], "summary": {}, "files": []}
+    for payload in iter_payloads(path):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(payload)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run" and info["run_id"] is None:
+            r = rec.run
+            info.update(run_id=r.run_id, project=r.project, entity=r.entity or None, name=r.display_name,
+                        group=r.run_group or None, job_type=r.job_type or None, tags=list(r.tags))
+        elif kind == "summary":
+            for i in rec.summary.update:
+                key = i.key or "/".join(i.nested_key)
+                if not key.startswith("_"):
+                    info["summary"][key] = json.loads(i.value_json)
+        elif kind == "files":
+            info["files"].extend(f.path for f in rec.files.files if f.path not in info["files"])
+    info["config"], info["history"] = read_run(path)
+    return info

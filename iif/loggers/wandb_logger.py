@@ -11,7 +11,8 @@ class WandbLogger:
 
     Args:
         mode: ``offline`` (default; ``wandb sync`` uploads later), ``online`` or ``disabled``.
-        project, entity, group, tags: W&B run fields (group defaults to the experiment's name).
+        project, entity, group, tags: W&B run fields (group defaults to the experiment's name; the run's chosen
+            options are added to ``tags``).
     """
 
     MODES = ("offline", "online", "disabled")
@@ -25,12 +26,15 @@ class WandbLogger:
         self.run = None
         self.run_id: str | None = None
 
-    def start(self, run_dir: str, config: dict, name: str, group: str, run_id: str | None = None) -> None:
+    def start(self, run_dir: str, config: dict, name: str, group: str, run_id: str | None = None,
+              tags: list[str] = ()) -> None:
+        """``tags`` (the run's chosen options) are added after the configured ``logger.tags``."""
         import wandb
 
+        tags = list(dict.fromkeys([*self.tags, *(t[:64] for t in tags)]))  # W&B limits a tag to 64 characters
         self.run = wandb.init(
             mode=self.mode, project=self.project, entity=self.entity, group=self.group or group,
-            tags=self.tags, name=name, config=config, dir=os.fspath(run_dir), id=run_id, resume="allow",
+            tags=tags, name=name, config=config, dir=os.fspath(run_dir), id=run_id, resume="allow",
         )
         self.run_id = self.run.id
 

@@ -6,11 +6,13 @@ from typing import ClassVar
 
 import torch
 
+from iif.utils import RunError
+
 Tensor = torch.Tensor
 
 
-class RewardError(RuntimeError):
-    """A reward returned values that cannot be used (NaN or infinite)."""
+class RewardError(RunError):
+    """A reward returned values that cannot be used (NaN or infinite); ``iif-train`` reports it as one line."""
 
 
 class Reward(abc.ABC):
