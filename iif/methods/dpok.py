@@ -27,6 +27,11 @@ class DPOK(FineTuned):
     gradient on single transitions. Both terms are averaged over data dimensions as in DPOK, so with
     ``reward_weight == kl_weight`` the optimum is the tilted target (the per-step KL is then the path KL).
 
+    Departure from METHODS.md §7.3: the KL term is the exact Gaussian KL of the two kernels,
+    ``||Delta_t||^2 / (2 sigma_t^2) = beta_t / (2 alpha_t (1 - alphabar_t)) ||eps_theta - eps_pre||^2``; DPOK's code
+    uses ``mean (eps_theta - eps_pre)^2``, which drops that per-step factor and so weights the steps differently
+    from the KL it stands for (with it, ``reward_weight == kl_weight`` would not target the tilt).
+
     Each outer iteration:
 
     1. draw ``n`` trajectories of the current policy ``p_theta(x_{t-1}|x_t) = N(mu^0_t + Delta_t, sigma_t^2)``
