@@ -8,6 +8,7 @@ import torch
 
 from iif.base_models.base import BaseModel
 from iif.guidance.base import Guidance
+from iif.methods.optim import Trainer
 from iif.rewards.base import Reward
 from iif.samplers.base import Trajectory
 
@@ -64,8 +65,6 @@ class FineTuned(Method):
     def __init__(self, base, reward, sampler, guidance, buffer=None, *, optimizer=None, total_steps: int = 1,
                  lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
         super().__init__(base, reward, sampler, guidance, buffer)
-        from iif.methods.optim import Trainer
-
         self.trainer = Trainer(self.guidance, optimizer, total_steps=total_steps, lr_final_factor=lr_final_factor,
                                grad_clip=grad_clip, ema_decay=ema_decay)
 
