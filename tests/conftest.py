@@ -24,3 +24,30 @@ def cli_env(tmp_path_factory):
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", CI="1",
                IIF_CACHE=str(tmp_path_factory.getbasetemp() / "cache"))
     return env
+
+
+@pytest.fixture
+def float64_default():
+    """Run with float64 as torch's default dtype (the sampler's states follow it), restoring it afterwards."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def kill_fit_step_at(monkeypatch, method_cls, iteration: int):
+    """Make ``method_cls.fit_step`` raise ``KeyboardInterrupt`` (a simulated kill) when it reaches ``iteration``;
+    returns the original, to put back with ``monkeypatch.setattr(method_cls, "fit_step", original)``."""
+    original = method_cls.fit_step
+
+    def crash(self, it):
+        if it == iteration:
+            raise KeyboardInterrupt("simulated kill")
+        return original(self, it)
+
+    monkeypatch.setattr(method_cls, "fit_step", crash)
+    return original

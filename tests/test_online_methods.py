@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import kill_fit_step_at
 from iif.base_models.gmm_exact import GMMExact
 from iif.gmm import GMM
 from iif.methods.am import AdjointMatching
@@ -214,6 +215,43 @@ def test_vargrad_gradient_is_twice_the_kl_gradient_gaussian_linear():
     assert (2 * expected[1:]).abs().max() > 20 * se[1:].max()  # the test has power
 
 
+# ---------------------------------------------------------------------------------------------- pathwise
+def test_pathwise_gradient_matches_finite_differences_of_the_sc_loss(float64_default):
+    """The reparametrised gradient of ``mean(control_cost - r/lambda)`` through ``rsample`` (graph through every step,
+    the base in x, the reward-informed features, the counted reward backward) equals central finite differences
+    of the same loss evaluated by the no-grad sampler with common random numbers, along a random direction
+    (float64, so the comparison is not limited by round-off)."""
+    prior, reward, base, sampler = _toy(n_steps=10)
+    guid = _guidance(reward)
+    params = list(guid.parameters())
+
+    def loss(differentiable: bool):
+        torch.manual_seed(7)
+        if differentiable:
+            traj = sampler.rsample(base, guid, 64)
+            return (traj.control_cost - reward.log_tilt_autograd(traj.x0)).mean()
+        traj = sampler.sample(base, guid, 64)
+        return (traj.control_cost - reward.log_tilt(traj.x0)).mean().item()
+
+    grad_evals = reward.grad_evals
+    grads = torch.autograd.grad(loss(True), params)
+    assert reward.grad_evals - grad_evals >= 64  # the backward through r(x_0) was counted
+    direction = [torch.randn_like(p) for p in params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+    h = 1e-6  # the perturbed h makes the loss strongly curved: the truncation error needs a small step
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+        plus = loss(False)
+        for p, d in zip(params, direction):
+            p.sub_(2 * h * d)
+        minus = loss(False)
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+    assert abs(analytic) > 1e-2
+    assert (plus - minus) / (2 * h) == pytest.approx(analytic, rel=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("method", ["pathwise", "vargrad", "dpok", "am"])
 def test_method_runs_and_resumes_to_the_same_result(tmp_path, monkeypatch, method):
@@ -226,14 +264,7 @@ def test_method_runs_and_resumes_to_the_same_result(tmp_path, monkeypatch, metho
     assert reference["iterations"] == 3 and 0 <= reference["mode_tv"] <= 1 and reference["base_nfe"] > 0
 
     cls = get_class(cfg.method._target_)
-    original = cls.fit_step
-
-    def crash_at_2(self, iteration):
-        if iteration == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, iteration)
-
-    monkeypatch.setattr(cls, "fit_step", crash_at_2)
+    original = kill_fit_step_at(monkeypatch, cls, 2)
     with pytest.raises(KeyboardInterrupt):
         train(*compose(overrides)[:1], tmp_path / "killed", choices)
     monkeypatch.setattr(cls, "fit_step", original)

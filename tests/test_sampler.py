@@ -25,17 +25,6 @@ DT = torch.float64
 B_MIN, B_MAX = 0.1, 20.0
 
 
-@pytest.fixture
-def float64_default():
-    """Run the sampler in float64 (its states follow the default dtype), restoring the default afterwards."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def _m_quad(t: float, b_min: float = B_MIN, b_max: float = B_MAX) -> float:
     """exp(-1/2 int_0^t beta(s) ds) by adaptive quadrature (independent of the closed form)."""
     val, _ = integrate.quad(lambda s: b_min + s * (b_max - b_min), 0.0, t, epsabs=1e-14, epsrel=1e-13)

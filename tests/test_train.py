@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import kill_fit_step_at
 from iif.rewards.base import RewardError
 from iif.train import CONF_DIR, ConfigError, build, compose, train
 
@@ -95,14 +96,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     reference = train(cfg, tmp_path / "straight", choices)
 
     from iif.methods.iif import IIF
-    original = IIF.fit_step
-
-    def crash_at_2(self, iteration):
-        if iteration == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return original(self, iteration)
-
-    monkeypatch.setattr(IIF, "fit_step", crash_at_2)
+    original = kill_fit_step_at(monkeypatch, IIF, 2)
     cfg, choices = compose(overrides)
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path / "killed", choices)

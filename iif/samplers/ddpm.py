@@ -124,7 +124,7 @@ class DDPMSampler:
         for step in bar:
             t = step.times(n, x.dtype)
             eps = base.eps(x, t)
-            x0_hat = base.x0_hat(x, t, eps)
+            x0_hat = base.x0_hat(x, t, eps) if guidance is not None or keep_states else None
             # 1. base mean
             mu0 = step.base_mean(x, eps)
             z = torch.randn_like(x)
@@ -142,7 +142,7 @@ class DDPMSampler:
                 # 4. path log-RND and control cost, float64
                 if accumulate_rnd:
                     inc, quad = rnd_step(delta, z, step.sigma)
-                    log_rnd = log_rnd + inc.detach()
+                    log_rnd += inc.detach()
                     control_cost = control_cost + quad
             if keep_states:
                 keep["states"].append(x.detach())
