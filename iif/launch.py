@@ -53,10 +53,6 @@ class LaunchChecks(Callback):
             _fail(f"launcher={self.launcher} needs a SLURM partition and none is set: copy conf/site/example.yaml "
                   f"to conf/site/local.yaml and set `partition:` there, or add hydra.launcher.partition=NAME "
                   f"(`sinfo -s` lists the partitions)")
-        if (launcher.get("tasks_per_node") or 1) > 1:
-            _fail(f"resources.tasks_per_node={launcher.tasks_per_node}: the training loop is one process per run, "
-                  f"so each run would start {launcher.tasks_per_node} copies writing one run directory; use "
-                  f"tasks_per_node=1 (all of the node's gpus_per_node stay visible to that process)")
 
 
 class RequeueGuard(Callback):

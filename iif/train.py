@@ -29,7 +29,9 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import trange
 
+from iif import distributed
 from iif.budget import Budget
+from iif.loggers.null import NullLogger
 from iif.plotting import plt, toy_figure
 from iif.utils import ConfigError, RunError, atomic_torch_save, atomic_write_text, progress_enabled
 
@@ -42,6 +44,9 @@ PROVIDERS = {"differentiable_reward": "reward", "per_step_kernels": "base_model"
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# run and sweep directories are named by the start time; in a run of several processes rank 0's (iif.distributed)
+OmegaConf.register_new_resolver("iif.now", lambda pattern: distributed.start_time().strftime(pattern),
+                                use_cache=True, replace=True)
 
 
 # ---------------------------------------------------------------------------------------------- start-up
@@ -82,6 +87,14 @@ def check_pairing(cfg: DictConfig, choices: dict[str, str]) -> None:
             raise ConfigError(
                 f"{group} '{choices.get(group, '?')}' needs {need.replace('_', ' ')}, which {provider} "
                 f"'{choices.get(provider, '?')}' does not provide; choose another {provider} or {group}")
+
+
+def check_world(cfg: DictConfig, choices: dict[str, str], ranks: distributed.World) -> None:
+    """A run of several processes needs a method that splits its work across them."""
+    if ranks.size > 1 and not get_class(cfg.method._target_).data_parallel:
+        raise ConfigError(f"method '{choices.get('method', '?')}' runs in one process, and this run has "
+                          f"{ranks.size} (torchrun --nproc_per_node, or resources.tasks_per_node); run it with one "
+                          "process, or use a data-parallel method (iif, reward_only)")
 
 
 def check_sizes(cfg: DictConfig) -> None:
@@ -150,26 +163,32 @@ def build(cfg: DictConfig) -> Components:
 
 
 def cleanup_failed_start(run_dir: Path) -> None:
-    """Remove what this run created in ``run_dir`` if it failed before doing anything (no checkpoint)."""
+    """Remove what this run created in ``run_dir`` if it failed before doing anything (no checkpoint). Every process
+    of a multi-process run calls it (each may have created the directory or its log), so a file another process
+    removed first is no error."""
     if (run_dir / CHECKPOINT).exists():
         return
     for name in (".hydra", "train.log", "config.yaml"):
         p = run_dir / name
         if p.is_dir():
-            shutil.rmtree(p)
-        elif p.exists():
-            p.unlink()
-    if run_dir.exists() and not any(run_dir.iterdir()):
-        run_dir.rmdir()
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    try:
+        run_dir.rmdir()  # only if empty
+    except OSError:
+        pass
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, comp: Components, iteration: int, wall_s: float, run_id: str | None,
-                    method_name: str) -> None:
+                    method_name: str, budget: dict[str, int]) -> None:
+    """Rank 0's: the processes of a run hold the same state (``iif.distributed``); ``budget`` is the run's
+    (:meth:`Budget.snapshot`, taken by every process)."""
     atomic_torch_save({
         "format": CHECKPOINT_FORMAT, "method": method_name, "iteration": iteration, "wall_s": wall_s,
         "wandb_run_id": run_id, "rng": torch.get_rng_state(), "state": comp.method.state_dict(),
-        "budget": comp.budget.snapshot(),
+        "budget": budget,
     }, run_dir / CHECKPOINT)
 
 
@@ -241,14 +260,21 @@ def evaluate(comp: Components, seed: int) -> tuple[dict, torch.Tensor]:
 
 
 def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict:
-    """Run (or resume) one run in ``run_dir``; returns the final metrics."""
+    """Run (or resume) one run in ``run_dir``; returns the final metrics.
+
+    In a run of several processes (``iif.distributed``) every process calls this; rank 0 writes the run directory
+    and the experiment log, the others compute their share and write nothing.
+    """
     run_dir = Path(run_dir)
+    ranks = distributed.world()
+    main = ranks.is_main
     run_dir.mkdir(parents=True, exist_ok=True)
     reset_peak_mem()
     method_name = choices.get("method", cfg.method._target_)
     try:  # ---- 1. validate and build: everything here is cheap, errors name the cause
         check_sizes(cfg)
         check_pairing(cfg, choices)
+        check_world(cfg, choices, ranks)
         if cfg.get("torch_threads"):
             torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
@@ -265,8 +291,13 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         cleanup_failed_start(run_dir)
         raise
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    comp.base.prepare()  # may pretrain (cached)
+    if main:
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        comp.base.prepare()  # may pretrain (cached)
+    ranks.barrier()  # every process has read the checkpoint before rank 0 writes one, and the base model's cache
+    if not main:
+        comp.base.prepare()
+    ranks.check_replicated(comp.base.state_dict(), "the base model's weights")
 
     start, wall_s, run_id = 0, 0.0, None
     if ckpt is not None:  # ---- 2. resume
@@ -275,42 +306,52 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         comp.budget.restore(ckpt["budget"])
         start, wall_s, run_id = ckpt["iteration"], ckpt["wall_s"], ckpt["wandb_run_id"]
         log.info("resuming %s from iteration %d", run_dir, start)
+    torch.set_rng_state(ranks.broadcast(torch.get_rng_state()))  # the processes share one random stream
     metrics_log = run_dir / "metrics.jsonl"
-    atomic_write_text(metrics_log, "".join(l + "\n" for l in rows_up_to(metrics_log, start)))
-    remove_stale_temp_files(run_dir)
+    if main:
+        atomic_write_text(metrics_log, "".join(l + "\n" for l in rows_up_to(metrics_log, start)))
+        remove_stale_temp_files(run_dir)
 
     exp = choices.get("experiment", "run")
-    logger = instantiate(cfg.logger)
+    logger = instantiate(cfg.logger) if main else NullLogger()
     logger.start(run_dir, resolved, name=f"{exp}-{method_name}-{choices.get('base_model', '')}-s{cfg.seed}",
                  group=exp, run_id=run_id, tags=run_tags(cfg, choices))
     log.info("run %s: method=%s base_model=%s, %d iterations, %s", run_dir, method_name,
-             choices.get("base_model"), cfg.iterations, _derived(cfg))
+             choices.get("base_model"), cfg.iterations, _derived(cfg, ranks))
     exit_code = 1
     try:
         if ckpt is None:
             t0 = time.perf_counter()
             comp.method.setup()
             wall_s += time.perf_counter() - t0
-            save_checkpoint(run_dir, comp, 0, wall_s, logger.run_id, method_name)
+            budget = comp.budget.snapshot()
+            if main:
+                save_checkpoint(run_dir, comp, 0, wall_s, logger.run_id, method_name, budget)
         # ---- 3. the loop
-        with metrics_log.open("a") as f:
+        with (metrics_log.open("a") if main else open(os.devnull, "w")) as f:
             for it in trange(start, cfg.iterations, desc=f"{method_name}", initial=start, total=cfg.iterations,
-                             disable=not progress_enabled()):
+                             disable=not (main and progress_enabled())):
                 t0 = time.perf_counter()
                 row = comp.method.fit_step(it)
                 wall_s += time.perf_counter() - t0
-                row = {"iteration": it + 1, "wall_s": wall_s, **comp.budget.snapshot(), **row}
+                budget = comp.budget.snapshot()
+                row = {"iteration": it + 1, "wall_s": wall_s, **budget, **row}
                 if cfg.eval_every and (it + 1) % cfg.eval_every == 0:
                     row.update(evaluate(comp, cfg.seed)[0])
                 f.write(json.dumps(row) + "\n")
                 f.flush()
                 logger.log(row, step=it + 1)
-                if (it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations:
-                    save_checkpoint(run_dir, comp, it + 1, wall_s, logger.run_id, method_name)
+                if main and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
+                    save_checkpoint(run_dir, comp, it + 1, wall_s, logger.run_id, method_name, budget)
         # ---- 4. final evaluation
         final, samples = evaluate(comp, cfg.seed)
         final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), **comp.budget.snapshot(), iterations=cfg.iterations,
                      seed=cfg.seed, method=method_name, base_model=choices.get("base_model"), experiment=exp)
+        if ranks.size > 1:
+            final["processes"] = ranks.size
+        if not main:
+            exit_code = 0
+            return final
         atomic_torch_save(samples[:4000].clone(), run_dir / "samples.pt")
         with torch.random.fork_rng():
             torch.manual_seed(0)
@@ -340,18 +381,22 @@ def run_tags(cfg: DictConfig, choices: dict[str, str]) -> list[str]:
     return tags
 
 
-def _derived(cfg: DictConfig) -> str:
-    """The sizes a user wants to see (nanoGPT style)."""
+def _derived(cfg: DictConfig, ranks: distributed.World = distributed.World()) -> str:
+    """The sizes a user wants to see (nanoGPT style); in a run of several processes, each one's share."""
     m = cfg.method
-    sizes = [f"{k} {m[k]}" for k in ("n_samples", "batch_size", "grad_steps", "k") if k in m]
+    per = {k: f" ({m[k] // ranks.size} per process)" if ranks.size > 1 else "" for k in ("n_samples", "batch_size")}
+    sizes = [f"{k} {m[k]}{per.get(k, '')}" for k in ("n_samples", "batch_size", "grad_steps", "k") if k in m]
     if "acceptance" in m:
         sizes.append(f"acceptance {list(m.acceptance['values'])}")
-    return f"{cfg.sampler.n_steps} sampling steps; " + (", ".join(sizes) if sizes else "no training")
+    procs = f"{ranks.size} processes; " if ranks.size > 1 else ""
+    return procs + f"{cfg.sampler.n_steps} sampling steps; " + (", ".join(sizes) if sizes else "no training")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")  # absolute: the console script too
 def _hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
+    if not distributed.init_from_env().is_main:  # a submitit task of a multi-task job joins here (torchrun: main())
+        logging.getLogger().setLevel(logging.WARNING)
     apply_debug_overrides(cfg, list(hc.overrides.task))
     try:
         final = train(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
@@ -360,13 +405,22 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         # and the submitting process, which sees a job die otherwise only through sacct, would wait for it forever.
         if os.environ.get("SUBMITIT_EXECUTOR"):
             raise
-        print(f"iif-train: error: {e}", file=sys.stderr)
+        if distributed.world().is_main:  # every process of a multi-process run stops alike; one says why
+            print(f"iif-train: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)  # 2: nothing was run; 1: the run stopped
     return final.get("mode_tv")
 
 
 def main() -> None:
-    _hydra_main()
+    """``iif-train``; under ``torchrun`` every process runs it, and they join one process group first (so that they
+    agree on the run directory's time stamp); only rank 0 writes Hydra's ``.hydra/`` record."""
+    ranks = distributed.init_from_env()
+    if not ranks.is_main:
+        sys.argv.append("hydra.output_subdir=null")
+    try:
+        _hydra_main()
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

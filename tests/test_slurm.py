@@ -219,8 +219,7 @@ def test_launcher_and_resources_compose_into_the_submitit_configs():
 @pytest.mark.parametrize("overrides,message", [
     (["hydra.launcher.partition=null"], "needs a SLURM partition and none is set: copy conf/site/example.yaml"),
     (["site@hydra.launcher=nope"], "site 'nope' not found: no conf/site/nope.yaml (options: example, localhost"),
-    (["site@hydra.launcher=localhost", "resources.tasks_per_node=4"], "the training loop is one process per run"),
-], ids=["no-partition", "unknown-site", "tasks-per-node"])
+], ids=["no-partition", "unknown-site"])
 def test_launch_checks_name_the_cause(capsys, overrides, message):
     with hydra_config(["launcher=slurm", *overrides]) as cfg:
         with pytest.raises(SystemExit) as exit_:
@@ -277,6 +276,25 @@ def test_sweep_on_slurm_writes_every_run_directory(slurm_cluster, tmp_path, cli_
         assert "n_samples: 256" in (run_dir / "config.yaml").read_text()  # debug=fast reached the job
     scripts = "".join(p.read_text() for p in sweep.sweeps.glob("*/.submitit/*/*_submission.sh"))
     assert "#SBATCH --partition=debug" in scripts and "#SBATCH --array=0-1%2" in scripts
+
+
+def test_one_run_across_two_slurm_tasks(slurm_cluster, tmp_path, cli_env):
+    """`resources.tasks_per_node=2`: Slurm starts the job's two tasks (srun), which join one gloo process group from
+    submitit's job environment and train ONE run; its numbers are those of one process with the whole batch."""
+    with Sweep(tmp_path, cli_env, ["method=iif", "logger=none", "resources.tasks_per_node=2"]) as sweep:
+        assert sweep.finish(timeout=150) == 0, sweep.context()
+    (run_dir,) = sweep.run_dirs()
+    assert "#SBATCH --ntasks-per-node=2" in "".join(p.read_text() for p in sweep.sweeps.glob("*/.submitit/*/*.sh"))
+    task_logs = "".join(p.read_text() for p in sweep.sweeps.glob("*/.submitit/*/*_log.*"))
+    assert "process 0 of 2 (gloo backend)" in task_logs and "process 1 of 2 (gloo backend)" in task_logs
+    two = json.loads((run_dir / "metrics.json").read_text())
+    one_dir = tmp_path / "one"
+    proc = run_cli([*TOY, "method=iif", "logger=none", "torch_threads=1", f"hydra.run.dir={one_dir}"], cli_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = json.loads((one_dir / "metrics.json").read_text())
+    assert two["processes"] == 2 and "processes" not in one
+    for key in ("mode_tv", "energy_distance", "reward_mean", "sc_loss", "base_nfe", "reward_evals"):
+        assert two[key] == pytest.approx(one[key], rel=1e-6), key
 
 
 def test_failing_job_reports_its_error_instead_of_hanging(slurm_cluster, tmp_path, cli_env):

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 
 from iif.base_models.base import BaseModel
+from iif.distributed import world
 from iif.guidance.base import Guidance
 from iif.methods.optim import Trainer
 from iif.rewards.base import Reward
@@ -24,10 +25,12 @@ class Method(abc.ABC):
     Attributes:
         requires: capabilities the method needs from the other components (checked at start-up).
         uses_guidance: whether the ``guidance`` component is part of this method (its requirements then apply).
+        data_parallel: whether one run of the method can span several processes (``iif.distributed``).
     """
 
     requires: ClassVar[frozenset[str]] = frozenset()
     uses_guidance: ClassVar[bool] = True
+    data_parallel: ClassVar[bool] = False
 
     def __init__(self, base: BaseModel, reward: Reward, sampler, guidance: Guidance | None = None, buffer=None):
         self.base, self.reward, self.sampler = base, reward, sampler
@@ -69,8 +72,15 @@ class FineTuned(Method):
                                grad_clip=grad_clip, ema_decay=ema_decay)
 
     def sample(self, n: int) -> Trajectory:
+        """``n`` samples of the current ``h`` (EMA weights if enabled); in a run of several processes each runs its
+        share of the rows and every process gets all ``n``."""
+        ranks = world()
         with self.trainer.sampling_weights():
-            return super().sample(n)
+            if ranks.size == 1:
+                return super().sample(n)
+            traj = self.sampler.sample(self.base, self.guidance, n, rows=ranks.shard(n))
+        return Trajectory(x0=ranks.gather(traj.x0, n), log_rnd=ranks.gather(traj.log_rnd, n),
+                          control_cost=ranks.gather(traj.control_cost, n), nfe=traj.nfe)
 
     def state_dict(self) -> dict:
         return {"trainer": self.trainer.state_dict()}

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import torch
 
+from iif.distributed import world
 from iif.importance import relaxed_rejection, solve_log_c
 from iif.methods.base import FineTuned
 from iif.time_sampling import UniformTime
@@ -32,7 +33,9 @@ class PiecewiseConstant:
 class IIF(FineTuned):
     """Iterative Importance Fine-tuning.
 
-    Each :meth:`fit_step` is one outer iteration ``k`` of Algorithm 1:
+    Each :meth:`fit_step` is one outer iteration ``k`` of Algorithm 1 (in a run of several processes, each runs its
+    share of steps 1 and 5 and gathers what steps 2–4 need, so every process holds the same ``c``, accepted set and
+    buffer: ``iif.distributed``):
 
     1. draw ``N`` trajectories of the guided chain ``P^{h_k}``, accumulating ``log RND = log dP^0/dP^{h_k}``;
     2. importance weights ``log w = r(x_0)/lambda + log RND``            ([IIF 11–13]; reward-only: ``r/lambda``);
@@ -56,6 +59,8 @@ class IIF(FineTuned):
         ema_decay: if > 0, sample with an exponential moving average of the guidance weights.
     """
 
+    data_parallel = True
+
     def __init__(self, base, reward, sampler, guidance, buffer, *, n_samples: int = 2048,
                  acceptance: PiecewiseConstant | float = 0.3, grad_steps: int = 100, batch_size: int = 512,
                  optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, kl_weight: float = 0.0,
@@ -71,6 +76,9 @@ class IIF(FineTuned):
         for rho in self.acceptance.values:
             if not 0 < rho <= 1:
                 raise ValueError(f"method.acceptance must lie in (0, 1], got {rho}")
+        if batch_size % world().size:
+            raise ValueError(f"method.batch_size={batch_size} must be divisible by the {world().size} processes of "
+                             f"this run (each computes the loss of batch_size / {world().size} rows)")
         self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
         self.kl_weight, self.use_rnd = kl_weight, use_rnd
         self.time_sampler = time_sampler or UniformTime()
@@ -78,44 +86,54 @@ class IIF(FineTuned):
     # ------------------------------------------------------------------ algorithm
     def setup(self) -> None:
         if self.buffer.prefill > 0:  # toy: the buffer starts with samples of the pretrained model [V-paper]
-            self.buffer.add(self.sampler.sample(self.base, None, self.buffer.prefill).x0)
+            n, ranks = self.buffer.prefill, world()
+            self.buffer.add(ranks.gather(self.sampler.sample(self.base, None, n, rows=ranks.shard(n)).x0, n))
 
     def fit_step(self, iteration: int) -> dict[str, float]:
-        rho = self.acceptance(iteration)
-        # 1. on-policy trajectories with the on-the-fly log-RND (no gradients)
+        rho, ranks, n = self.acceptance(iteration), world(), self.n_samples
+        # 1. on-policy trajectories with the on-the-fly log-RND (no gradients): this process's rows of the N
         with self.trainer.sampling_weights():
-            traj = self.sampler.sample(self.base, self.guidance, self.n_samples, accumulate_rnd=self.use_rnd)
-        # 2. importance weights
-        log_r = self.reward.log_tilt(traj.x0)
-        log_w = log_r + traj.log_rnd if self.use_rnd else log_r.to(torch.float64)
-        # 3. relaxed rejection with the adaptive constant
+            traj = self.sampler.sample(self.base, self.guidance, n, accumulate_rnd=self.use_rnd, rows=ranks.shard(n))
+        # 2. importance weights, of all N trajectories (gathered from every process)
+        x0 = ranks.gather(traj.x0, n)
+        log_r = ranks.gather(self.reward.log_tilt(traj.x0), n)
+        log_rnd = ranks.gather(traj.log_rnd, n)
+        log_w = log_r + log_rnd if self.use_rnd else log_r.to(torch.float64)
+        # 3. relaxed rejection with the adaptive constant (the same draws in every process)
         log_c = solve_log_c(log_w, rho)
         keep = relaxed_rejection(log_w, log_c)
         # 4. replay buffer
-        self.buffer.add(traj.x0[keep])
-        # 5. supervised h-transform update
+        self.buffer.add(x0[keep])
+        # 5. supervised h-transform update: every process draws the whole minibatch and takes its rows; the
+        #    trainer averages the gradients over the processes
         losses = []
         for _ in range(self.grad_steps):
-            loss = self.loss(self.buffer.sample(self.batch_size))
+            loss = self.loss(self.buffer.sample(self.batch_size), rows=ranks.shard(self.batch_size))
             self.trainer.minimise(loss)
             losses.append(loss.item())
+        loss_mean = ranks.sum({"loss": sum(losses) / len(losses)})["loss"] / ranks.size
         w = torch.softmax(log_w, 0)
         return {
             "accept_rate": keep.double().mean().item(), "target_accept_rate": rho, "log_c": log_c,
             "ess_frac": (1.0 / (w ** 2).sum() / len(w)).item(), "frac_w_above_c": (log_w > log_c).double().mean().item(),
-            "log_rnd_mean": traj.log_rnd.mean().item(),
+            "log_rnd_mean": log_rnd.mean().item(),
             "batch_reward_mean": (log_r * self.reward.temperature).mean().item(),
-            "loss": sum(losses) / len(losses), "buffer_size": len(self.buffer),
+            "loss": loss_mean, "buffer_size": len(self.buffer),
             "lr": self.trainer.lr,
         }
 
-    def loss(self, x0: Tensor) -> Tensor:
-        """``L_FT`` (+ ``gamma_KL R_KL``) on a buffer minibatch ``x0 [b, D]``; differentiates ``h`` only."""
+    def loss(self, x0: Tensor, rows: slice = slice(None)) -> Tensor:
+        """``L_FT`` (+ ``gamma_KL R_KL``) on a buffer minibatch ``x0 [b, D]``; differentiates ``h`` only.
+
+        ``rows``: the loss of only these rows (one process's share); the times and noises of all ``b`` rows are
+        drawn, so the rows are those of the whole minibatch.
+        """
         sched = self.base.schedule
         t = self.time_sampler(x0.shape[0], sched)
+        eps = torch.randn_like(x0)
+        x0, t, eps = x0[rows], t[rows], eps[rows]
         t64 = t.to(torch.float64)
         m, v = sched.m(t64).float()[:, None], sched.v(t64).float()[:, None]
-        eps = torch.randn_like(x0)
         xt = m * x0 + v * eps
         with torch.no_grad():
             e_base = self.base.eps(xt, t)

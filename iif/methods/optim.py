@@ -7,6 +7,8 @@ import contextlib
 import torch
 from torch import nn
 
+from iif.distributed import world
+
 Tensor = torch.Tensor
 
 
@@ -42,8 +44,10 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
 
     def step(self) -> float:
-        """Clip, step, decay the learning rate, update the EMA; returns the gradient norm before clipping."""
+        """Average the gradients over the processes of the run (``iif.distributed``; nothing in one process), clip,
+        step, decay the learning rate, update the EMA; returns the gradient norm before clipping."""
         params = [p for p in self.module.parameters() if p.grad is not None]
+        world().mean_([p.grad for p in params])
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.lr_schedule.step()

@@ -98,14 +98,16 @@ class DDPMSampler:
 
     @torch.no_grad()
     def sample(self, base: BaseModel, guidance: Guidance | None, n: int, *, keep_states: bool = False,
-               accumulate_rnd: bool = True, progress: bool = False) -> Trajectory:
+               accumulate_rnd: bool = True, progress: bool = False, rows: slice | None = None) -> Trajectory:
         """Draw ``n`` trajectories of the chain guided by ``guidance`` (``None``: the base chain).
 
         Randomness comes from the global torch RNG (seeded and checkpointed by the training loop).
         ``keep_states`` also returns, per step, the states, noises, base means and base Tweedie estimates.
+        ``rows``: run only these rows of the batch of ``n`` (one process's share, ``iif.distributed``): the noise
+        of all ``n`` is drawn and the rows keep theirs, so they are the trajectories the whole batch would hold.
         """
         return self._run(base, guidance, n, keep_states=keep_states, accumulate_rnd=accumulate_rnd,
-                         progress=progress)
+                         progress=progress, rows=rows)
 
     def rsample(self, base: BaseModel, guidance: Guidance, n: int, *, progress: bool = False) -> Trajectory:
         """Like :meth:`sample`, but differentiable: ``x0`` and ``control_cost`` keep the autograd graph through
@@ -113,21 +115,30 @@ class DDPMSampler:
         with torch.enable_grad():
             return self._run(base, guidance, n, keep_states=False, accumulate_rnd=True, progress=progress)
 
-    def _run(self, base, guidance, n, *, keep_states, accumulate_rnd, progress) -> Trajectory:
+    @staticmethod
+    def _noise(n: int, x: Tensor, rows: slice) -> Tensor:
+        """``z ~ N(0, I)`` for the ``rows`` of a batch of ``n`` (the whole batch's draw, so a shard's rows hold the
+        numbers they hold in the whole batch; a copy, so that kept noises do not pin the whole draw)."""
+        z = torch.randn((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        return z if x.shape[0] == n else z[rows].clone()
+
+    def _run(self, base, guidance, n, *, keep_states, accumulate_rnd, progress, rows=None) -> Trajectory:
         if n < 1:
             raise ValueError(f"number of samples must be >= 1, got {n}")
-        x = base.prior_sample(n)
-        log_rnd = torch.zeros(n, dtype=torch.float64)
-        control_cost = torch.zeros(n, dtype=torch.float64)
+        rows = slice(None) if rows is None else rows
+        x = base.prior_sample(n)[rows]
+        n_rows = x.shape[0]
+        log_rnd = torch.zeros(n_rows, dtype=torch.float64)
+        control_cost = torch.zeros(n_rows, dtype=torch.float64)
         keep = {"states": [x], "noises": [], "base_means": [], "x0_hats": []} if keep_states else None
         bar = tqdm(self.steps(base), desc="sampling", leave=False, disable=not (progress and progress_enabled()))
         for step in bar:
-            t = step.times(n, x.dtype)
+            t = step.times(n_rows, x.dtype)
             eps = base.eps(x, t)
             x0_hat = base.x0_hat(x, t, eps) if guidance is not None or keep_states else None
             # 1. base mean
             mu0 = step.base_mean(x, eps)
-            z = torch.randn_like(x)
+            z = self._noise(n, x, rows)
             if keep_states:
                 keep["base_means"].append(mu0.detach())
                 keep["x0_hats"].append(x0_hat.detach())

@@ -1,0 +1,178 @@
+"""One run across several processes (data parallel): ``torchrun``, or a Slurm job with several tasks.
+
+Design: **the ranks share one random stream.** Every rank seeds the global torch RNG alike (and rank 0's state is
+broadcast at start-up), draws the random numbers of the *whole* batch and keeps its own rows (:meth:`World.shard`).
+So the result of a run does not depend on the number of processes: two processes with ``N/2`` trajectories each
+compute what one process computes with ``N`` (up to the order of floating-point sums). Drawing the noise of the
+whole batch costs ``O(N D)`` random numbers per step and rank, small next to the network evaluations it feeds.
+
+What is sharded and what is replicated in IIF (Algorithm 1):
+
+1. trajectories: each rank runs its ``N / W`` rows of the batch (the expensive part);
+2. rewards and log-weights are gathered, so ``c``, the acceptance draws and the accepted set are the same on every
+   rank, and so is the replay buffer (each rank holds the whole buffer);
+3. a training minibatch is drawn whole on every rank (indices, times, noise); each rank computes the loss of its
+   ``b / W`` rows and the gradients are averaged across ranks (one all-reduce per optimiser step), so the
+   parameters, the optimiser state and the EMA stay identical;
+4. rank 0 writes the run directory (config, metrics, checkpoints, figure) and the W&B run; the others write nothing.
+
+The process group is set up from the environment torchrun exports (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
+``MASTER_PORT``), or, in a Slurm job of several tasks started by submitit, from submitit's job environment.
+Backend: ``gloo``, because the suite's components hold their tensors on the CPU (there is no ``device`` option yet);
+``IIF_DIST_BACKEND=nccl`` is for when they are placed on each process's GPU.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import os
+
+import torch
+import torch.distributed as dist
+
+Tensor = torch.Tensor
+log = logging.getLogger(__name__)
+
+
+class World:
+    """The processes of one run; ``World()`` is the single-process world (every method is then a no-op).
+
+    Attributes:
+        rank: this process's index in ``0..size-1``; size: number of processes ``W``.
+    """
+
+    def __init__(self, rank: int = 0, size: int = 1):
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} outside a world of {size} processes")
+        self.rank, self.size = rank, size
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 writes the run directory and the experiment log."""
+        return self.rank == 0
+
+    def __repr__(self) -> str:
+        return f"World(rank={self.rank}, size={self.size})"
+
+    # ------------------------------------------------------------------ sharding
+    def shard(self, n: int) -> slice:
+        """This rank's rows ``[rank n / W, (rank + 1) n / W)`` (rounded down) of a global batch of ``n``."""
+        return slice(self.rank * n // self.size, (self.rank + 1) * n // self.size)
+
+    def gather(self, x: Tensor, n: int) -> Tensor:
+        """All ranks' shards of a batch of ``n`` (``x`` is this rank's ``[len(shard(n)), ...]``) concatenated in rank
+        order: ``[n, ...]`` on every rank."""
+        if self.size == 1:
+            return x
+        sizes = [(r + 1) * n // self.size - r * n // self.size for r in range(self.size)]
+        if x.shape[0] != sizes[self.rank]:
+            raise ValueError(f"rank {self.rank} holds {x.shape[0]} rows of a batch of {n}, not {sizes[self.rank]}")
+        pad = max(sizes)
+        buf = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=x.device)
+        buf[: x.shape[0]] = x
+        parts = [torch.empty_like(buf) for _ in range(self.size)]
+        dist.all_gather(parts, buf)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+    # ------------------------------------------------------------------ reductions
+    def mean_(self, tensors: list[Tensor]) -> None:
+        """In place: each tensor becomes its mean over ranks (one flattened all-reduce, e.g. the gradients)."""
+        if self.size == 1 or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+    def sum(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over ranks (float64; e.g. the budget counters)."""
+        if self.size == 1:
+            return dict(values)
+        keys = list(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t)
+        return {k: v for k, v in zip(keys, t.tolist())}
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (any picklable object)."""
+        if self.size == 1:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def barrier(self) -> None:
+        if self.size > 1:
+            dist.barrier()
+
+    def check_replicated(self, tensors: dict[str, Tensor], what: str) -> None:
+        """Raise if the ranks disagree on ``tensors`` (e.g. the base model's weights after loading them): a run whose
+        ranks start from different models would average gradients of different problems without an error."""
+        if self.size == 1:
+            return
+        sums = torch.stack([t.detach().double().sum() for t in tensors.values()] or [torch.zeros((), dtype=torch.float64)])
+        ref = sums.clone()
+        dist.broadcast(ref, src=0)
+        bad = [name for name, a, b in zip(tensors, sums, ref) if not torch.allclose(a, b, rtol=1e-6, atol=1e-9)]
+        flag = torch.tensor([float(bool(bad))])
+        dist.all_reduce(flag)
+        if flag.item() > 0:
+            raise RuntimeError(f"{what} differs between the processes of this run (rank {self.rank}: "
+                               f"{', '.join(bad[:3]) or 'another rank'}); they must start identical")
+
+
+_WORLD = World()
+_START: _dt.datetime | None = None
+
+
+def world() -> World:
+    """The world of this process (set up by :func:`init_from_env`; single-process otherwise)."""
+    return _WORLD
+
+
+def env_world_size() -> int:
+    """Processes of this run as the launcher announces them: torchrun's ``WORLD_SIZE``, or the tasks of a submitit
+    Slurm job (1 outside both)."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+        return int(os.environ.get("SLURM_NTASKS", "1"))
+    return 1
+
+
+def init_from_env() -> World:
+    """Join the process group that the launcher set up in the environment (idempotent); single process if none.
+
+    torchrun exports ``RANK``/``WORLD_SIZE``/``MASTER_*``; in a submitit Slurm job of several tasks they are
+    exported from submitit's job environment first. Rank 0's start time is shared (see :func:`start_time`).
+    """
+    global _WORLD, _START
+    if dist.is_initialized() or env_world_size() == 1:
+        return _WORLD
+    if "WORLD_SIZE" not in os.environ:  # a submitit task: export what env:// initialisation reads
+        from submitit.helpers import TorchDistributedEnvironment
+
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+    backend = os.environ.get("IIF_DIST_BACKEND", "gloo")
+    dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=int(os.environ.get("IIF_DIST_TIMEOUT_MIN", "30"))))
+    _WORLD = World(dist.get_rank(), dist.get_world_size())
+    _START = _WORLD.broadcast(_dt.datetime.now())
+    log.info("process %d of %d (%s backend)", _WORLD.rank, _WORLD.size, backend)
+    return _WORLD
+
+
+def shutdown() -> None:
+    """Leave the process group (at the end of a run)."""
+    global _WORLD
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _WORLD = World()
+
+
+def start_time() -> _dt.datetime:
+    """``now``, or in a run of several processes rank 0's time at start-up, so that every rank resolves the same
+    run directory (the ``iif.now`` resolver of ``conf/config.yaml``)."""
+    return _START or _dt.datetime.now()
