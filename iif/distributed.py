@@ -26,6 +26,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -159,9 +160,25 @@ def init_from_env() -> World:
     backend = os.environ.get("IIF_DIST_BACKEND", "gloo")
     dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=int(os.environ.get("IIF_DIST_TIMEOUT_MIN", "30"))))
     _WORLD = World(dist.get_rank(), dist.get_world_size())
-    _START = _WORLD.broadcast(_dt.datetime.now())
+    _START = _WORLD.broadcast(_launcher_start_time() or _dt.datetime.now())
     log.info("process %d of %d (%s backend)", _WORLD.rank, _WORLD.size, backend)
     return _WORLD
+
+
+def _launcher_start_time() -> _dt.datetime | None:
+    """Under torchrun: when the torchrun agent (this worker's parent) started. It is the same after
+    ``--max-restarts`` restarts the workers, so the restarted run resolves the same run directory and resumes from
+    its checkpoint; None elsewhere or where ``/proc`` cannot tell (the start time is then now)."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return None
+    try:
+        fields = Path(f"/proc/{os.getppid()}/stat").read_text().rsplit(")", 1)[1].split()
+        ticks = int(fields[19])  # field 22 of stat(5): start time in clock ticks after boot
+        boot = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return _dt.datetime.fromtimestamp(boot + ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
 
 
 def shutdown() -> None:
@@ -173,6 +190,7 @@ def shutdown() -> None:
 
 
 def start_time() -> _dt.datetime:
-    """``now``, or in a run of several processes rank 0's time at start-up, so that every rank resolves the same
-    run directory (the ``iif.now`` resolver of ``conf/config.yaml``)."""
+    """``now``, or in a run of several processes rank 0's start time (under torchrun: its agent's, which survives
+    worker restarts), so that every rank resolves the same run directory (the ``iif.now`` resolver of
+    ``conf/config.yaml``)."""
     return _START or _dt.datetime.now()

@@ -113,6 +113,24 @@ def test_a_run_resumes_with_another_number_of_processes(reference, tmp_path, cli
     assert_same_run(reference, run_dir)
 
 
+def test_torchrun_restart_after_a_dead_process_resumes_in_the_same_run_directory(reference, tmp_path, cli_env):
+    """``torchrun --max-restarts=1``: rank 1 dies at iteration 2; torchrun stops rank 0 and starts both again; they
+    resolve the same run directory (the agent's start time names it), resume from its checkpoint and end as the
+    uninterrupted run."""
+    marker = tmp_path / "crashed"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           str(Path(__file__).parent / "_crash_once.py"), *ARGS]
+    proc = subprocess.run(cmd, env={**cli_env, "IIF_TEST_CRASH_MARKER": str(marker)}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert marker.exists(), "the worker did not crash: the test tests nothing"
+    run_dirs = list(tmp_path.glob("outputs/runs/*/*"))
+    assert len(run_dirs) == 1, f"the restarted workers started a new run directory: {run_dirs}"
+    run_dir = run_dirs[0]
+    assert "resuming" in (run_dir / "train.log").read_text()
+    assert_same_run(reference, run_dir)
+
+
 def test_a_method_that_runs_in_one_process_is_refused_under_torchrun(tmp_path, cli_env):
     proc = torchrun(["experiment=toy2d", "method=pathwise", "base_model=gmm_exact", "debug=fast", "logger=none",
                      f"hydra.run.dir={tmp_path / 'run'}"], cli_env, cwd=tmp_path)
