@@ -7,7 +7,7 @@
   reruns instead of ending the sweep.
 
 Resuming after a requeue needs nothing else: submitit re-runs the pickled job, whose config carries the sweep
-directory already resolved (Hydra copies the ``${now:...}`` cache into each job's config and the cache is pickled
+directory already resolved (Hydra copies the ``${iif.now:...}`` cache into each job's config and the cache is pickled
 with it), so the job lands in the same run directory and :func:`iif.train.train` continues from ``checkpoint.pt``
 and the same W&B run.
 """

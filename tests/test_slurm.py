@@ -209,6 +209,9 @@ def test_launcher_and_resources_compose_into_the_submitit_configs():
         assert slurm._target_.endswith("SlurmLauncher") and slurm.max_num_timeout > 0
         assert (slurm.gpus_per_node, slurm.cpus_per_task, slurm.mem_gb, slurm.tasks_per_node) == (1, 8, 32, 1)
         assert slurm.partition == "gpu" and "module load cuda/12.1" in slurm.setup  # from the example site file
+    with hydra_config(["launcher=slurm", "resources=multi_gpu", "site@hydra.launcher=example"]) as cfg:
+        slurm = cfg.hydra.launcher  # one run across the node's GPUs: one task (process) per GPU
+        assert slurm.tasks_per_node == slurm.gpus_per_node == 4
     with hydra_config(["launcher=slurm_local", "resources=gpu80"]) as cfg:
         assert cfg.hydra.launcher._target_.endswith("LocalLauncher") and cfg.hydra.launcher.timeout_min == 720
     with hydra_config(["resources=gpu80"]) as cfg:
