@@ -18,8 +18,8 @@ What is sharded and what is replicated in IIF (Algorithm 1):
 
 The process group is set up from the environment torchrun exports (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
 ``MASTER_PORT``), or, in a Slurm job of several tasks started by submitit, from submitit's job environment.
-Backend: ``gloo``, because the suite's components hold their tensors on the CPU (there is no ``device`` option yet);
-``IIF_DIST_BACKEND=nccl`` is for when they are placed on each process's GPU.
+Backends: torch's default, ``gloo`` for CPU tensors and ``nccl`` for CUDA tensors (``device=cuda``: each process
+computes on ``cuda:LOCAL_RANK``); ``IIF_DIST_BACKEND`` forces one.
 """
 from __future__ import annotations
 
@@ -39,13 +39,14 @@ class World:
     """The processes of one run; ``World()`` is the single-process world (every method is then a no-op).
 
     Attributes:
-        rank: this process's index in ``0..size-1``; size: number of processes ``W``.
+        rank: this process's index in ``0..size-1``; size: number of processes ``W``; local_rank: its index on its
+            node (its GPU with ``device=cuda``).
     """
 
-    def __init__(self, rank: int = 0, size: int = 1):
+    def __init__(self, rank: int = 0, size: int = 1, local_rank: int = 0):
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} outside a world of {size} processes")
-        self.rank, self.size = rank, size
+        self.rank, self.size, self.local_rank = rank, size, local_rank
 
     @property
     def is_main(self) -> bool:
@@ -157,11 +158,22 @@ def init_from_env() -> World:
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-    backend = os.environ.get("IIF_DIST_BACKEND", "gloo")
-    dist.init_process_group(backend=backend, timeout=_dt.timedelta(minutes=int(os.environ.get("IIF_DIST_TIMEOUT_MIN", "30"))))
-    _WORLD = World(dist.get_rank(), dist.get_world_size())
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():  # this process's GPU, before any collective (and for device=cuda)
+        from iif.device import local_gpu
+
+        torch.cuda.set_device(local_gpu(local_rank))
+    backend = os.environ.get("IIF_DIST_BACKEND")  # None: gloo for CPU tensors, nccl for CUDA tensors
+    timeout = _dt.timedelta(minutes=int(os.environ.get("IIF_DIST_TIMEOUT_MIN", "30")))
+    # The rendezvous store, under a prefix of this attempt: after torchrun restarts the workers (--max-restarts)
+    # the store still holds the dead workers' addresses, and gloo would try to connect to them.
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+    store = dist.PrefixStore(f"iif/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size, timeout=timeout)
+    _WORLD = World(dist.get_rank(), dist.get_world_size(), local_rank)
     _START = _WORLD.broadcast(_launcher_start_time() or _dt.datetime.now())
-    log.info("process %d of %d (%s backend)", _WORLD.rank, _WORLD.size, backend)
+    log.info("process %d of %d (%s backend)", _WORLD.rank, _WORLD.size,
+             backend or ("gloo for CPU, nccl for CUDA tensors" if torch.cuda.is_available() else "gloo"))
     return _WORLD
 
 

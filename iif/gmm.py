@@ -5,6 +5,7 @@ Shapes: ``K`` components in ``D`` dimensions; ``weights [K]``, ``means [K, D]``,
 """
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import torch
@@ -54,6 +55,17 @@ class GMM:
         """Equal-weight mixture with one mode at every point of ``coords ** dim`` (a square grid)."""
         means = torch.tensor(list(itertools.product(coords, repeat=dim)), dtype=torch.float64)
         return cls.isotropic(means, var=var)
+
+    def to(self, device: torch.device | str) -> "GMM":
+        """This mixture with its tensors on ``device`` (a copy; ``self`` if it is there already)."""
+        device = torch.device(device)
+        if self.means.device == device:
+            return self
+        moved = copy.copy(self)
+        for name in ("weights", "means", "covs", "_chol", "_iso_var"):
+            value = getattr(self, name)
+            setattr(moved, name, None if value is None else value.to(device))
+        return moved
 
     # ----------------------------------------------------------------- properties
     @property
@@ -113,7 +125,7 @@ class GMM:
             return (torch.softmax(logits, dim=-1)[..., None] * diff / c[..., None]).sum(1)
         m = m.to(torch.float64)[:, None, None]
         v = v.to(torch.float64)[:, None, None]
-        eye = torch.eye(self.dim, dtype=torch.float64)
+        eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
         covs = m[..., None] ** 2 * self.covs[None] + v[..., None] ** 2 * eye  # [B, K, D, D]
         chol = torch.linalg.cholesky(covs)
         diff = m * self.means[None] - x[:, None, :]  # [B, K, D]
@@ -126,13 +138,13 @@ class GMM:
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` exact samples ``[n, D]`` (float64)."""
         idx = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator, device=self.means.device)
         return self.means[idx] + (self._chol[idx] @ z[..., None])[..., 0]
 
     # ----------------------------------------------------------------- transformations
     def noised(self, m: float | Tensor, v: float | Tensor) -> "GMM":
         """Law of ``m X + v eps`` with ``X ~ self``, ``eps ~ N(0, I)``: ``sum_k w_k N(m mu_k, m^2 Sigma_k + v^2 I)``."""
-        eye = torch.eye(self.dim, dtype=torch.float64)
+        eye = torch.eye(self.dim, dtype=torch.float64, device=self.means.device)
         return GMM(self.weights, m * self.means, m ** 2 * self.covs + v ** 2 * eye)
 
     def product(self, other: "GMM") -> tuple["GMM", Tensor, Tensor]:

@@ -47,12 +47,12 @@ def solve_log_c(log_w: Tensor, rho: float) -> float:
     srt, _ = torch.sort(lw, descending=True)
     # tail[k] = logsumexp(srt[k:]) for k = 0..N-1
     tail = torch.logcumsumexp(srt.flip(0), dim=0).flip(0)
-    k = torch.arange(n, dtype=torch.float64)
+    k = torch.arange(n, dtype=torch.float64, device=srt.device)
     room = n * rho - k
     valid = room > 0
     log_c = torch.full_like(srt, math.inf)
     log_c[valid] = tail[valid] - torch.log(room[valid])
-    upper = torch.cat([torch.tensor([math.inf], dtype=torch.float64), srt[:-1]])  # l_(k), with l_(0)=+inf
+    upper = torch.cat([torch.tensor([math.inf], dtype=torch.float64, device=srt.device), srt[:-1]])  # l_(k), with l_(0)=+inf
     tol = 1e-12 * (1 + srt.abs())
     ok = valid & (log_c <= upper + tol) & (log_c >= srt - tol)
     idx = torch.nonzero(ok)
@@ -92,5 +92,5 @@ def solve_log_c_bisection(log_w: Tensor, rho: float, tol: float = 1e-10, max_ite
 def relaxed_rejection(log_w: Tensor, log_c: float) -> Tensor:
     """Keep sample ``i`` iff ``log u_i <= min(0, log w_i - log c)``, ``u_i ~ U(0, 1)``: ``[N]`` bool."""
     lw = log_w.to(torch.float64)
-    log_u = torch.log(torch.rand(lw.shape, dtype=torch.float64))
+    log_u = torch.log(torch.rand(lw.shape, dtype=torch.float64, device=lw.device))
     return log_u <= torch.clamp(lw - log_c, max=0.0)

@@ -61,7 +61,7 @@ class VPSchedule:
     def discretise(self, n_steps: int) -> DiscreteSchedule:
         if n_steps < 1:
             raise ValueError(f"number of sampling steps must be >= 1, got {n_steps}")
-        t = torch.arange(n_steps + 1, dtype=torch.float64) / n_steps
+        t = torch.arange(n_steps + 1, dtype=torch.float64, device="cpu") / n_steps  # read as Python numbers
         alphabar = self.m(t) ** 2
         alpha = torch.ones_like(alphabar)
         alpha[1:] = alphabar[1:] / alphabar[:-1]

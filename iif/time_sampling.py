@@ -4,6 +4,8 @@ The minimiser of the denoising loss does not depend on how ``t`` is drawn (any p
 network trained by SGD does. The path KL between the guided chains is ``E int beta(t)/2 ||h - h*||^2 dt``
 (Girsanov), so errors of ``h`` at large ``t`` (where ``beta`` is large and the modes are chosen) cost most;
 :class:`BetaTime` draws ``t`` with density ``∝ beta(t)`` so the epsilon-weighted loss approximates that weighting.
+
+Times are drawn on the CPU (from its random stream); the loss moves them to the run's device.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class UniformTime:
         self.t_min = t_min
 
     def __call__(self, n: int, schedule: VPSchedule) -> Tensor:
-        return self.t_min + (1 - self.t_min) * torch.rand(n)
+        return self.t_min + (1 - self.t_min) * torch.rand(n, device="cpu")
 
     def density(self, t: Tensor, schedule: VPSchedule) -> Tensor:
         """``p(t)``, so that ``f(t) / p(t)`` estimates ``int_{t_min}^1 f`` without bias."""
@@ -40,7 +42,7 @@ class BetaTime(UniformTime):
             return b0 * t + 0.5 * db * t ** 2
 
         lo, hi = cdf(self.t_min), cdf(1.0)
-        c = lo + (hi - lo) * torch.rand(n, dtype=torch.float64)
+        c = lo + (hi - lo) * torch.rand(n, dtype=torch.float64, device="cpu")
         t = (-b0 + torch.sqrt(b0 ** 2 + 2 * db * c)) / db  # solve b0 t + db t^2 / 2 = c
         return t.float()
 

@@ -29,6 +29,7 @@ from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import trange
 
+from iif import device as devices
 from iif import distributed
 from iif.budget import Budget
 from iif.loggers.null import NullLogger
@@ -145,21 +146,23 @@ class Components:
     evaluator: object
     prior: object
     budget: Budget
+    device: torch.device = torch.device("cpu")
 
 
-def build(cfg: DictConfig) -> Components:
-    """Instantiate every component from its ``_target_`` (cheap: no pretraining, no sampling)."""
+def build(cfg: DictConfig, device: torch.device = torch.device("cpu")) -> Components:
+    """Instantiate every component from its ``_target_`` (cheap: no pretraining, no sampling); the networks are
+    placed on ``device`` before the method (and its optimiser) is built."""
     schedule = instantiate(cfg.schedule)
     prior = instantiate(cfg.prior)
-    base = instantiate(cfg.base_model, prior=prior, schedule=schedule)
+    base = instantiate(cfg.base_model, prior=prior, schedule=schedule).place(device)
     reward = instantiate(cfg.reward)
-    guidance = instantiate(cfg.guidance, dim=prior.dim, reward=reward)
+    guidance = instantiate(cfg.guidance, dim=prior.dim, reward=reward).to(device)
     sampler = instantiate(cfg.sampler)
     buffer = instantiate(cfg.buffer)
     method = instantiate(cfg.method, base=base, reward=reward, sampler=sampler, guidance=guidance, buffer=buffer)
     target = instantiate(cfg.target, prior=prior, reward=reward)
     evaluator = instantiate(cfg.evaluation)
-    return Components(base, reward, method, target, evaluator, prior, Budget(base, reward))
+    return Components(base, reward, method, target, evaluator, prior, Budget(base, reward), device)
 
 
 def cleanup_failed_start(run_dir: Path) -> None:
@@ -187,7 +190,7 @@ def save_checkpoint(run_dir: Path, comp: Components, iteration: int, wall_s: flo
     (:meth:`Budget.snapshot`, taken by every process)."""
     atomic_torch_save({
         "format": CHECKPOINT_FORMAT, "method": method_name, "iteration": iteration, "wall_s": wall_s,
-        "wandb_run_id": run_id, "rng": torch.get_rng_state(), "state": comp.method.state_dict(),
+        "wandb_run_id": run_id, "rng": devices.rng_state(comp.device), "state": comp.method.state_dict(),
         "budget": budget,
     }, run_dir / CHECKPOINT)
 
@@ -221,7 +224,7 @@ def remove_stale_temp_files(run_dir: Path) -> None:
 
 def load_checkpoint(path: Path, method_name: str) -> dict:
     try:
-        ckpt = torch.load(path, weights_only=True)
+        ckpt = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # truncated, foreign or unsafe file
         raise ConfigError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. Move it away to start afresh.")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -275,11 +278,12 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         check_sizes(cfg)
         check_pairing(cfg, choices)
         check_world(cfg, choices, ranks)
+        device = devices.resolve(cfg.get("device", "cpu"), ranks.local_rank)
         if cfg.get("torch_threads"):
             torch.set_num_threads(cfg.torch_threads)
         torch.manual_seed(cfg.seed)
         try:
-            comp = build(cfg)
+            comp = build(cfg, device)
         except InstantiationException as e:  # a constructor rejected its arguments: name the key, one line
             if (error := config_error_from(e)) is None:
                 raise
@@ -302,11 +306,11 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
     start, wall_s, run_id = 0, 0.0, None
     if ckpt is not None:  # ---- 2. resume
         comp.method.load_state_dict(ckpt["state"])
-        torch.set_rng_state(ckpt["rng"])
+        devices.set_rng_state(ckpt["rng"], comp.device)
         comp.budget.restore(ckpt["budget"])
         start, wall_s, run_id = ckpt["iteration"], ckpt["wall_s"], ckpt["wandb_run_id"]
         log.info("resuming %s from iteration %d", run_dir, start)
-    torch.set_rng_state(ranks.broadcast(torch.get_rng_state()))  # the processes share one random stream
+    devices.set_rng_state(ranks.broadcast(devices.rng_state(comp.device)), comp.device)  # one shared random stream
     metrics_log = run_dir / "metrics.jsonl"
     if main:
         atomic_write_text(metrics_log, "".join(l + "\n" for l in rows_up_to(metrics_log, start)))
@@ -349,7 +353,8 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
                      seed=cfg.seed, method=method_name, base_model=choices.get("base_model"), experiment=exp)
         if ranks.size > 1:
             final["processes"] = ranks.size
-        if not main:
+        if not main:  # wait for rank 0 to write the run's files: a process that ends first ends the run for torchrun
+            ranks.barrier()
             exit_code = 0
             return final
         atomic_torch_save(samples[:4000].clone(), run_dir / "samples.pt")
@@ -365,6 +370,7 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         logger.log_figure("samples", fig, step=cfg.iterations)
         plt.close(fig)
         log.info("final metrics: %s", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in final.items()})
+        ranks.barrier()
         exit_code = 0
         return final
     finally:

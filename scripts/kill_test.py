@@ -163,7 +163,7 @@ def install_probes(probe: Probe, checkpoint_write_s: float) -> None:
 
     build, save_ckpt, load_ckpt, evaluate = (train_mod.build, train_mod.save_checkpoint, train_mod.load_checkpoint,
                                              train_mod.evaluate)
-    train_mod.build = lambda cfg: instrument(build(cfg))
+    train_mod.build = lambda *args, **kwargs: instrument(build(*args, **kwargs))
     _wrap(train_mod, "atomic_write_text", before=lambda *a, **k: probe.step())  # config.yaml, metrics.jsonl/json
 
     def save_checkpoint(run_dir, comp, iteration, *args, **kwargs):

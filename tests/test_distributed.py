@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,15 +34,24 @@ COMPARED = ["mode_tv", "top_mode_frac", "energy_distance", "reward_mean", "sc_lo
 COUNTS = ["base_nfe", "reward_evals", "reward_grad_evals"]
 
 
-def torchrun(args: list[str], env: dict, cwd: Path, nproc: int = 2) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "iif.train", *args]
-    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+def bounded(cmd: list[str], env: dict, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in its own session; on time-out kill the whole session (torchrun's workers included), so a hung
+    collective fails the test instead of hanging it. Collectives themselves time out after 2 minutes."""
+    proc = subprocess.Popen(cmd, env={**env, "IIF_DIST_TIMEOUT_MIN": "2"}, cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:6])} ... did not end within {timeout} s:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
-def one_process(args: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "iif.train", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=300)
+def torchrun(args: list[str], env: dict, cwd: Path, nproc: int = 2, launcher_args: tuple[str, ...] = (),
+             module: tuple[str, ...] = ("-m", "iif.train")) -> subprocess.CompletedProcess:
+    return bounded([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                    *launcher_args, *module, *args], env, cwd)
 
 
 def rows(run_dir: Path) -> list[dict]:
@@ -75,7 +85,7 @@ def reference(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("one")
     env = {**os.environ, "WANDB_MODE": "offline", "CI": "1",
            "IIF_CACHE": str(tmp_path_factory.getbasetemp() / "cache")}
-    proc = one_process([*ARGS, f"hydra.run.dir={cwd / 'run'}"], env, cwd)
+    proc = bounded([sys.executable, "-m", "iif.train", *ARGS, f"hydra.run.dir={cwd / 'run'}"], env, cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return cwd / "run"
 
@@ -118,10 +128,8 @@ def test_torchrun_restart_after_a_dead_process_resumes_in_the_same_run_directory
     resolve the same run directory (the agent's start time names it), resume from its checkpoint and end as the
     uninterrupted run."""
     marker = tmp_path / "crashed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           str(Path(__file__).parent / "_crash_once.py"), *ARGS]
-    proc = subprocess.run(cmd, env={**cli_env, "IIF_TEST_CRASH_MARKER": str(marker)}, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300)
+    proc = torchrun(ARGS, {**cli_env, "IIF_TEST_CRASH_MARKER": str(marker)}, tmp_path,
+                    launcher_args=("--max-restarts=1",), module=(str(Path(__file__).parent / "_crash_once.py"),))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert marker.exists(), "the worker did not crash: the test tests nothing"
     run_dirs = list(tmp_path.glob("outputs/runs/*/*"))

@@ -33,6 +33,13 @@ class BaseModel(nn.Module, abc.ABC):
         self.schedule = schedule
         self.sample_shape = tuple(sample_shape)
         self.nfe = 0
+        self.device = torch.device("cpu")
+
+    def place(self, device: torch.device) -> "BaseModel":
+        """Move the network to ``device``; the sampler draws the prior there (``device`` config key)."""
+        self.to(device)
+        self.device = torch.device(device)
+        return self
 
     def eps(self, x: Tensor, t: Tensor) -> Tensor:
         """Noise prediction ``eps_theta(x_t, t)``: ``x [B, *shape]``, ``t [B]`` in ``(0, 1]`` -> ``[B, *shape]``."""
@@ -54,5 +61,5 @@ class BaseModel(nn.Module, abc.ABC):
         return (x - v * eps) / m
 
     def prior_sample(self, n: int) -> Tensor:
-        """``x_T ~ N(0, I)``: ``[n, *shape]`` (global torch RNG)."""
-        return torch.randn(n, *self.sample_shape)
+        """``x_T ~ N(0, I)``: ``[n, *shape]`` on :attr:`device` (that device's global torch RNG)."""
+        return torch.randn(n, *self.sample_shape, device=self.device)

@@ -62,12 +62,12 @@ class Toy2DScoreMLP(BaseModel):
     def prepare(self) -> None:
         path = self.cache_path()
         if path.exists():
-            self.net.load_state_dict(torch.load(path, weights_only=True))
+            self.net.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
             log.info("toy2d base model loaded from %s", path)
             return
         log.info("pretraining the toy2d base model (%d steps); cached at %s", self.train_cfg["train_steps"], path)
         self.pretrain()
-        atomic_torch_save(self.net.state_dict(), path)
+        atomic_torch_save({k: v.cpu() for k, v in self.net.state_dict().items()}, path)
 
     def pretrain(self) -> None:
         cfg = self.train_cfg
@@ -79,6 +79,8 @@ class Toy2DScoreMLP(BaseModel):
             x0 = self.prior.sample(cfg["batch_size"], generator=gen).float()
             t = cfg["t_min"] + (1 - cfg["t_min"]) * torch.rand(cfg["batch_size"], generator=gen)
             eps = torch.randn(x0.shape, generator=gen)
+            # drawn on the CPU (the same weights on any device), trained where the network is
+            x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
             t64 = t.double()
             xt = self.schedule.m(t64).float()[:, None] * x0 + self.schedule.v(t64).float()[:, None] * eps
             loss = ((net(xt, t) - eps) ** 2).sum(-1).mean()

@@ -39,7 +39,7 @@ class FIFOBuffer:
         if len(self) == 0:
             raise RunError("the replay buffer is empty: nothing was accepted and no prefill was configured "
                            "(set buffer.prefill > 0 or raise the acceptance rate)")
-        return self.data[torch.randint(len(self), (batch_size,))]
+        return self.data[torch.randint(len(self), (batch_size,), device=self.data.device)]
 
     def state_dict(self) -> dict:
         return {"data": self.data}

@@ -55,9 +55,9 @@ class AdjointMatching(FineTuned):
         self.clip_quantile, self.clip_ema = clip_quantile, clip_ema
         self.clip_threshold: float | None = None
         steps = sampler.steps(base)  # index i: the step x_{N-i} -> x_{N-i-1}
-        self._t = torch.tensor([s.t for s in steps])
-        self._beta = torch.tensor([s.beta for s in steps])
-        self._alpha = torch.tensor([s.alpha for s in steps])
+        self._t = torch.tensor([s.t for s in steps], device=base.device)
+        self._beta = torch.tensor([s.beta for s in steps], device=base.device)
+        self._alpha = torch.tensor([s.alpha for s in steps], device=base.device)
 
     def lean_adjoint(self, traj: Trajectory) -> Tensor:
         """``[N, b, *shape]``: ``a`` at the states ``x_N, ..., x_1`` (index ``i`` is the state before step ``i``),
@@ -69,7 +69,7 @@ class AdjointMatching(FineTuned):
             step = steps[i]
             with torch.enable_grad():
                 x = traj.states[i].detach().requires_grad_(True)
-                mu0 = step.base_mean(x, self.base.eps(x, step.times(x.shape[0], x.dtype)))
+                mu0 = step.base_mean(x, self.base.eps(x, step.times(x.shape[0], x.dtype, x.device)))
                 (a,) = torch.autograd.grad(mu0, x, a)
             out[i] = a
         return out
@@ -97,8 +97,8 @@ class AdjointMatching(FineTuned):
     def loss(self, traj: Trajectory, a: Tensor) -> tuple[Tensor, float]:
         """The clipped adjoint-matching loss on ``S`` random steps per trajectory, and the fraction of terms kept."""
         n_steps, b = a.shape[:2]
-        idx = torch.rand(b, n_steps).argsort(dim=1)[:, : self.loss_steps]  # [b, S]
-        cols = torch.arange(b)[:, None].expand_as(idx)
+        idx = torch.rand(b, n_steps, device=a.device).argsort(dim=1)[:, : self.loss_steps]  # [b, S]
+        cols = torch.arange(b, device=a.device)[:, None].expand_as(idx)
         x, x0_hat, adj = traj.states[idx, cols], traj.x0_hats[idx, cols], a[idx, cols]  # [b, S, *shape]
         flat = lambda y: y.reshape(b * self.loss_steps, *y.shape[2:])  # noqa: E731
         i = idx.reshape(-1)

@@ -77,14 +77,14 @@ class DPOK(FineTuned):
         self.value_trainer = Trainer(self.value, value_optimizer)
         self.transitions = FIFOBuffer(capacity=transitions, prefill=0)
         sched = base.schedule.discretise(sampler.n_steps)
-        self._t, self._beta, self._alpha = sched.t.float(), sched.beta.float(), sched.alpha.float()
+        self._t, self._beta, self._alpha = (c.float().to(base.device) for c in (sched.t, sched.beta, sched.alpha))
 
     # ------------------------------------------------------------------ transitions, packed as rows
     def _pack(self, traj, log_r: Tensor) -> Tensor:
         """``[N*n, 4D + 3]`` rows ``(x_t, x0_hat_t, mu^0_t, x_{t-1}, k, log p_old, r)``."""
         n_steps, n = traj.noises.shape[:2]
         flat = lambda a: a.reshape(n_steps * n, self.dim)  # noqa: E731
-        k = torch.arange(n_steps, 0, -1, dtype=torch.float32).repeat_interleave(n)
+        k = torch.arange(n_steps, 0, -1, dtype=torch.float32, device=traj.x0.device).repeat_interleave(n)
         x_prev = traj.states[1:]
         sigma = self._beta[k.long()].sqrt()
         old_mean = x_prev - sigma.view(n_steps, n, 1) * traj.noises  # mu^0_t + Delta_t of the sampling policy

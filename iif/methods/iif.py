@@ -128,8 +128,9 @@ class IIF(FineTuned):
         ``rows``: the loss of only these rows (one process's share); the times and noises of all ``b`` rows are
         drawn, so the rows are those of the whole minibatch.
         """
-        sched = self.base.schedule
-        t = self.time_sampler(x0.shape[0], sched)
+        sched, device = self.base.schedule, self.base.device
+        x0 = x0.to(device)  # the buffer keeps its samples on the CPU
+        t = self.time_sampler(x0.shape[0], sched).to(device)
         eps = torch.randn_like(x0)
         x0, t, eps = x0[rows], t[rows], eps[rows]
         t64 = t.to(torch.float64)

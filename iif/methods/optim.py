@@ -88,4 +88,5 @@ class Trainer:
         self.module.load_state_dict(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        self.ema = state["ema"]
+        current = self.module.state_dict()  # the EMA lives where the module does (a checkpoint is read to the CPU)
+        self.ema = None if state["ema"] is None else {k: v.to(current[k].device) for k, v in state["ema"].items()}

@@ -27,5 +27,6 @@ class TopK(BaseOnly):
         traj = self.sampler.sample(self.base, None, n * self.k)
         x = traj.x0.reshape(n, self.k, *traj.x0.shape[1:])
         best = self.reward(traj.x0).reshape(n, self.k).argmax(dim=1)
-        return Trajectory(x0=x[torch.arange(n), best], log_rnd=torch.zeros(n, dtype=torch.float64),
+        return Trajectory(x0=x[torch.arange(n, device=x.device), best],
+                          log_rnd=torch.zeros(n, dtype=torch.float64, device=x.device),
                           control_cost=None, nfe=traj.nfe * self.k)

@@ -93,7 +93,7 @@ class VarGrad(FineTuned):
                 continue
             x, x_next, z = traj.states[i], traj.states[i + 1], traj.noises[i]
             delta_sg = x_next - traj.base_means[i] - step.sigma * z  # the shift the trajectory was drawn with
-            delta = step.shift(self.guidance(x, step.times(b, x.dtype), traj.x0_hats[i]))
+            delta = step.shift(self.guidance(x, step.times(b, x.dtype, x.device), traj.x0_hats[i]))
             f = (((delta * delta_sg).flatten(1).sum(1) - 0.5 * (delta ** 2).flatten(1).sum(1)) / step.beta
                  + (delta * z).flatten(1).sum(1) / step.sigma)
             (coef * f).sum().backward()

@@ -58,7 +58,7 @@ class ToyEvaluator:
             torch.manual_seed(seed)
             traj = method.sample(self.n_samples)
             ref = target.sample(self.n_energy, generator=torch.Generator().manual_seed(seed + 1))
-        x = traj.x0
+        x = traj.x0.cpu()  # the exact target and the metrics live on the CPU
         reward = method.reward
         top = int(torch.argmax(reward(target.prior.means)))
         log_tilt = reward.log_tilt(x).double()  # one reward evaluation, checked finite
@@ -70,6 +70,6 @@ class ToyEvaluator:
             "sample_nfe": traj.nfe,  # base evaluations per returned sample (best-of-K: K x steps)
         }
         if traj.control_cost is not None:  # path statistics exist only for samples of one diffusion path
-            metrics["sc_loss"] = (traj.control_cost - log_tilt).mean().item()
+            metrics["sc_loss"] = (traj.control_cost.cpu() - log_tilt).mean().item()
             metrics["kl_path"] = traj.control_cost.mean().item()
         return metrics, x

@@ -63,9 +63,9 @@ class Step:
         """``Delta_k = beta_k / sqrt(alpha_k) * h``: the mean shift of a score-unit guidance ``h`` [IIF 30]."""
         return self.beta / self.alpha ** 0.5 * h
 
-    def times(self, n: int, dtype=torch.float32) -> Tensor:
+    def times(self, n: int, dtype=torch.float32, device=None) -> Tensor:
         """``[n]`` copies of ``t`` (the networks' time argument)."""
-        return torch.full((n,), self.t, dtype=dtype)
+        return torch.full((n,), self.t, dtype=dtype, device=device)
 
 
 class DDPMSampler:
@@ -128,12 +128,12 @@ class DDPMSampler:
         rows = slice(None) if rows is None else rows
         x = base.prior_sample(n)[rows]
         n_rows = x.shape[0]
-        log_rnd = torch.zeros(n_rows, dtype=torch.float64)
-        control_cost = torch.zeros(n_rows, dtype=torch.float64)
+        log_rnd = torch.zeros(n_rows, dtype=torch.float64, device=x.device)
+        control_cost = torch.zeros(n_rows, dtype=torch.float64, device=x.device)
         keep = {"states": [x], "noises": [], "base_means": [], "x0_hats": []} if keep_states else None
         bar = tqdm(self.steps(base), desc="sampling", leave=False, disable=not (progress and progress_enabled()))
         for step in bar:
-            t = step.times(n_rows, x.dtype)
+            t = step.times(n_rows, x.dtype, x.device)
             eps = base.eps(x, t)
             x0_hat = base.x0_hat(x, t, eps) if guidance is not None or keep_states else None
             # 1. base mean
