@@ -16,6 +16,11 @@ What is sharded and what is replicated in IIF (Algorithm 1):
    parameters, the optimiser state and the EMA stay identical;
 4. rank 0 writes the run directory (config, metrics, checkpoints, figure) and the W&B run; the others write nothing.
 
+The online methods split their optimiser steps the same way: each process runs its rows of ``method.batch_size``
+trajectories and the gradients are averaged (``pathwise``: backpropagation through its rows; ``vargrad``: its rows'
+terms with the whole batch's mean ``ell``; ``am``: its rows' regression with the whole batch's clipping quantile).
+Methods with ``data_parallel = False`` (``dpok``, the untrained ones) are refused in a run of several processes.
+
 The process group is set up from the environment torchrun exports (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
 ``MASTER_PORT``), or, in a Slurm job of several tasks started by submitit, from submitit's job environment.
 Backends: torch's default, ``gloo`` for CPU tensors and ``nccl`` for CUDA tensors (``device=cuda``: each process
@@ -97,6 +102,16 @@ class World:
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
         dist.all_reduce(t)
         return {k: v for k, v in zip(keys, t.tolist())}
+
+    def mean(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value averaged over ranks (e.g. a loss logged by every process for its rows)."""
+        return {k: v / self.size for k, v in self.sum(values).items()}
+
+    def check_divisible(self, name: str, value: int) -> None:
+        """A batch whose loss is averaged over processes must split evenly (else the average is not the batch's)."""
+        if value % self.size:
+            raise ValueError(f"{name}={value} must be divisible by the {self.size} processes of this run (each "
+                             f"computes the loss of {name} / {self.size} rows)")
 
     def broadcast(self, obj):
         """Rank 0's ``obj`` on every rank (any picklable object)."""

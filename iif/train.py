@@ -95,7 +95,7 @@ def check_world(cfg: DictConfig, choices: dict[str, str], ranks: distributed.Wor
     if ranks.size > 1 and not get_class(cfg.method._target_).data_parallel:
         raise ConfigError(f"method '{choices.get('method', '?')}' runs in one process, and this run has "
                           f"{ranks.size} (torchrun --nproc_per_node, or resources.tasks_per_node); run it with one "
-                          "process, or use a data-parallel method (iif, reward_only)")
+                          "process, or use a data-parallel method (iif, reward_only, pathwise, vargrad, am)")
 
 
 def check_sizes(cfg: DictConfig) -> None:
@@ -390,7 +390,7 @@ def run_tags(cfg: DictConfig, choices: dict[str, str]) -> list[str]:
 def _derived(cfg: DictConfig, ranks: distributed.World = distributed.World()) -> str:
     """The sizes a user wants to see (nanoGPT style); in a run of several processes, each one's share."""
     m = cfg.method
-    per = {k: f" ({m[k] // ranks.size} per process)" if ranks.size > 1 else "" for k in ("n_samples", "batch_size")}
+    per = {k: f" ({m[k] // ranks.size} per process)" for k in ("n_samples", "batch_size") if k in m and ranks.size > 1}
     sizes = [f"{k} {m[k]}{per.get(k, '')}" for k in ("n_samples", "batch_size", "grad_steps", "k") if k in m]
     if "acceptance" in m:
         sizes.append(f"acceptance {list(m.acceptance['values'])}")

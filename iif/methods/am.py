@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from iif.distributed import world
 from iif.methods.base import FineTuned
 from iif.samplers.base import Trajectory
 
@@ -36,6 +37,7 @@ class AdjointMatching(FineTuned):
     """
 
     requires = frozenset({"differentiable_reward", "differentiable_base"})
+    data_parallel = True  # each process regresses its rows; the clipping quantile is the whole batch's
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, *, batch_size: int = 512, grad_steps: int = 10,
                  loss_steps: int = 20, clip_quantile: float = 0.9, clip_ema: float = 0.9, optimizer=None,
@@ -51,6 +53,7 @@ class AdjointMatching(FineTuned):
         super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
                          ema_decay=ema_decay)
+        world().check_divisible("method.batch_size", batch_size)
         self.batch_size, self.grad_steps, self.loss_steps = batch_size, grad_steps, loss_steps
         self.clip_quantile, self.clip_ema = clip_quantile, clip_ema
         self.clip_threshold: float | None = None
@@ -76,28 +79,35 @@ class AdjointMatching(FineTuned):
 
     def fit_step(self, iteration: int) -> dict[str, float]:
         losses, kept, norms, adj = [], [], [], []
+        rows = world().shard(self.batch_size)
         for _ in range(self.grad_steps):
-            # 1. detached trajectories of the current model
+            # 1. detached trajectories of the current model (this process's rows)
             with self.trainer.sampling_weights():
-                traj = self.sampler.sample(self.base, self.guidance, self.batch_size, keep_states=True)
+                traj = self.sampler.sample(self.base, self.guidance, self.batch_size, keep_states=True, rows=rows)
             # 2.-3. terminal reward gradient and the lean adjoint
             a = self.lean_adjoint(traj)
             # 4. regression at S steps per trajectory
-            loss, frac = self.loss(traj, a)
+            loss, frac = self.loss(traj, a, rows)
             # 5. step
             norms.append(self.trainer.minimise(loss))
             losses.append(loss.item())
             kept.append(frac)
             adj.append(a[0].flatten(1).norm(dim=1).mean().item())
         n = len(losses)
-        return {"loss": sum(losses) / n, "kept_frac": sum(kept) / n, "grad_norm": sum(norms) / n,
-                "adjoint_norm_t1": sum(adj) / n, "lr": self.trainer.lr,
+        logged = world().mean({"loss": sum(losses) / n, "kept_frac": sum(kept) / n, "adjoint_norm_t1": sum(adj) / n})
+        return {**logged, "grad_norm": sum(norms) / n, "lr": self.trainer.lr,
                 "clip_threshold": self.clip_threshold if self.clip_threshold is not None else float("nan")}
 
-    def loss(self, traj: Trajectory, a: Tensor) -> tuple[Tensor, float]:
-        """The clipped adjoint-matching loss on ``S`` random steps per trajectory, and the fraction of terms kept."""
+    def loss(self, traj: Trajectory, a: Tensor, rows: slice | None = None) -> tuple[Tensor, float]:
+        """The clipped adjoint-matching loss on ``S`` random steps per trajectory, and the fraction of terms kept.
+
+        ``rows``: the rows of the whole batch (``batch_size``) that ``traj`` holds (one process's share): the steps
+        of every row are drawn, so the rows get the steps they get in the whole batch (None: ``traj`` is the batch).
+        """
         n_steps, b = a.shape[:2]
-        idx = torch.rand(b, n_steps, device=a.device).argsort(dim=1)[:, : self.loss_steps]  # [b, S]
+        n_total = b if rows is None else self.batch_size
+        idx = torch.rand(n_total, n_steps, device=a.device).argsort(dim=1)[:, : self.loss_steps]  # [n_total, S]
+        idx = idx if rows is None else idx[rows]  # [b, S]
         cols = torch.arange(b, device=a.device)[:, None].expand_as(idx)
         x, x0_hat, adj = traj.states[idx, cols], traj.x0_hats[idx, cols], a[idx, cols]  # [b, S, *shape]
         flat = lambda y: y.reshape(b * self.loss_steps, *y.shape[2:])  # noqa: E731
@@ -110,8 +120,8 @@ class AdjointMatching(FineTuned):
         terms = ((delta / sigma + sigma * flat(adj)) ** 2).flatten(1).sum(1)  # [b*S]
         if self.clip_quantile >= 1:
             return terms.mean(), 1.0
-        with torch.no_grad():
-            q = torch.quantile(terms.sqrt(), self.clip_quantile).item()
+        with torch.no_grad():  # the quantile of the whole batch's terms (every process's)
+            q = torch.quantile(world().gather(terms.sqrt(), n_total * self.loss_steps), self.clip_quantile).item()
             self.clip_threshold = q if self.clip_threshold is None else (
                 self.clip_ema * self.clip_threshold + (1 - self.clip_ema) * q)
             keep = terms.sqrt() < self.clip_threshold

@@ -76,9 +76,7 @@ class IIF(FineTuned):
         for rho in self.acceptance.values:
             if not 0 < rho <= 1:
                 raise ValueError(f"method.acceptance must lie in (0, 1], got {rho}")
-        if batch_size % world().size:
-            raise ValueError(f"method.batch_size={batch_size} must be divisible by the {world().size} processes of "
-                             f"this run (each computes the loss of batch_size / {world().size} rows)")
+        world().check_divisible("method.batch_size", batch_size)
         self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
         self.kl_weight, self.use_rnd = kl_weight, use_rnd
         self.time_sampler = time_sampler or UniformTime()
@@ -111,7 +109,7 @@ class IIF(FineTuned):
             loss = self.loss(self.buffer.sample(self.batch_size), rows=ranks.shard(self.batch_size))
             self.trainer.minimise(loss)
             losses.append(loss.item())
-        loss_mean = ranks.sum({"loss": sum(losses) / len(losses)})["loss"] / ranks.size
+        loss_mean = ranks.mean({"loss": sum(losses) / len(losses)})["loss"]
         w = torch.softmax(log_w, 0)
         return {
             "accept_rate": keep.double().mean().item(), "target_accept_rate": rho, "log_c": log_c,

@@ -2,6 +2,7 @@
 (the IIF paper's online fine-tuning on the 2D toy; METHODS.md §7.2, [IIF 10])."""
 from __future__ import annotations
 
+from iif.distributed import world
 from iif.methods.base import FineTuned
 
 
@@ -27,6 +28,7 @@ class Pathwise(FineTuned):
     """
 
     requires = frozenset({"differentiable_reward", "differentiable_base"})
+    data_parallel = True  # each process backpropagates through its rows; the trainer averages the gradients
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, *, batch_size: int = 256, grad_steps: int = 10,
                  optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0,
@@ -37,13 +39,15 @@ class Pathwise(FineTuned):
         super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
                          ema_decay=ema_decay)
+        world().check_divisible("method.batch_size", batch_size)
         self.batch_size, self.grad_steps = batch_size, grad_steps
 
     def fit_step(self, iteration: int) -> dict[str, float]:
         losses, kls, rewards, norms = [], [], [], []
         for _ in range(self.grad_steps):
             # 1. differentiable trajectories of P^h
-            traj = self.sampler.rsample(self.base, self.guidance, self.batch_size)
+            traj = self.sampler.rsample(self.base, self.guidance, self.batch_size,
+                                        rows=world().shard(self.batch_size))
             # 2. the stochastic-control loss (reward gradients counted by the reward)
             log_r = self.reward.log_tilt_autograd(traj.x0)
             cost = traj.control_cost.to(log_r.dtype)
@@ -54,5 +58,5 @@ class Pathwise(FineTuned):
             kls.append(cost.mean().item())
             rewards.append((log_r * self.reward.temperature).mean().item())
         n = len(losses)
-        return {"loss": sum(losses) / n, "kl_path": sum(kls) / n, "batch_reward_mean": sum(rewards) / n,
-                "grad_norm": sum(norms) / n, "lr": self.trainer.lr}
+        logged = world().mean({"loss": sum(losses) / n, "kl_path": sum(kls) / n, "batch_reward_mean": sum(rewards) / n})
+        return {**logged, "grad_norm": sum(norms) / n, "lr": self.trainer.lr}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from iif.distributed import world
 from iif.methods.base import FineTuned
 from iif.samplers.base import Trajectory
 
@@ -44,6 +45,7 @@ class VarGrad(FineTuned):
     """
 
     requires = frozenset({"per_step_kernels"})
+    data_parallel = True  # each process accumulates the gradient of its rows' terms (with the batch's mean ell)
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, *, batch_size: int = 512, grad_steps: int = 10,
                  grad_fraction: float = 1.0, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
@@ -55,38 +57,47 @@ class VarGrad(FineTuned):
             raise ValueError(f"method.grad_fraction must lie in (0, 1], got {grad_fraction}")
         super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip)
+        world().check_divisible("method.batch_size", batch_size)
         self.batch_size, self.grad_steps, self.grad_fraction = batch_size, grad_steps, grad_fraction
 
     def fit_step(self, iteration: int) -> dict[str, float]:
         losses, kls, rewards, norms = [], [], [], []
+        ranks, b = world(), self.batch_size
         for _ in range(self.grad_steps):
-            # 1. detached on-policy trajectories
-            traj = self.sampler.sample(self.base, self.guidance, self.batch_size, keep_states=True)
-            # 2. ell at v = h
+            # 1. detached on-policy trajectories (this process's rows of the b)
+            traj = self.sampler.sample(self.base, self.guidance, b, keep_states=True, rows=ranks.shard(b))
+            # 2. ell at v = h, of every process's rows (the variance is the whole batch's)
             log_r = self.reward.log_tilt(traj.x0).to(torch.float64)
             ell = -traj.log_rnd - log_r
-            # 3. gradient of the sample variance, one step at a time
+            ell_all = ranks.gather(ell, b)
+            # 3. gradient of the sample variance, one step at a time; each process holds the terms of its rows,
+            #    scaled by the number of processes because the trainer averages the gradients over them
             self.trainer.zero_grad()
-            self.accumulate_gradient(traj, ell)
+            self.accumulate_gradient(traj, ell, ell_all.mean(), b, scale=ranks.size)
             # 4. optimiser step
             norms.append(self.trainer.step())
-            losses.append(ell.var().item())
-            kls.append(traj.control_cost.mean().item())
-            rewards.append((log_r * self.reward.temperature).mean().item())
+            losses.append(ell_all.var().item())
+            kls.append(ranks.gather(traj.control_cost, b).mean().item())
+            rewards.append((ranks.gather(log_r, b) * self.reward.temperature).mean().item())
         n = len(losses)
         return {"loss": sum(losses) / n, "kl_path": sum(kls) / n, "batch_reward_mean": sum(rewards) / n,
                 "grad_norm": sum(norms) / n, "lr": self.trainer.lr}
 
-    def accumulate_gradient(self, traj: Trajectory, ell: Tensor) -> None:
-        """Add ``grad_phi Var(ell)`` (unbiased) to the guidance's ``.grad``.
+    def accumulate_gradient(self, traj: Trajectory, ell: Tensor, ell_mean: Tensor | None = None,
+                            n_total: int | None = None, scale: float = 1.0) -> None:
+        """Add ``grad_phi Var(ell)`` (unbiased) to the guidance's ``.grad``: the terms of the rows in ``traj``.
 
         Args:
             traj: ``b`` trajectories with ``states [N+1, b, *shape]``, ``noises``, ``base_means``, ``x0_hats``
                 (``keep_states=True``) of the chain guided by ``sg(h)``.
             ell: ``[b]`` the per-trajectory ``ell_i`` at the current ``h``.
+            ell_mean, n_total: the mean of ``ell`` and the size of the whole batch, when ``traj`` holds only some
+                of its rows (default: ``traj`` is the batch); scale: a factor on the added gradient.
         """
         b = ell.shape[0]
-        coef = (2 * (ell - ell.mean()) / (b - 1)).float()
+        ell_mean = ell.mean() if ell_mean is None else ell_mean
+        n_total = b if n_total is None else n_total
+        coef = (scale * 2 * (ell - ell_mean) / (n_total - 1)).float()
         steps = self.sampler.steps(self.base)
         for i, step in enumerate(steps):
             if self.grad_fraction < 1 and torch.rand(()) >= self.grad_fraction:

@@ -109,11 +109,12 @@ class DDPMSampler:
         return self._run(base, guidance, n, keep_states=keep_states, accumulate_rnd=accumulate_rnd,
                          progress=progress, rows=rows)
 
-    def rsample(self, base: BaseModel, guidance: Guidance, n: int, *, progress: bool = False) -> Trajectory:
+    def rsample(self, base: BaseModel, guidance: Guidance, n: int, *, progress: bool = False,
+                rows: slice | None = None) -> Trajectory:
         """Like :meth:`sample`, but differentiable: ``x0`` and ``control_cost`` keep the autograd graph through
         every step, the guidance and the base network (the reparametrised path; memory grows with ``N``)."""
         with torch.enable_grad():
-            return self._run(base, guidance, n, keep_states=False, accumulate_rnd=True, progress=progress)
+            return self._run(base, guidance, n, keep_states=False, accumulate_rnd=True, progress=progress, rows=rows)
 
     @staticmethod
     def _noise(n: int, x: Tensor, rows: slice) -> Tensor:
