@@ -74,9 +74,11 @@ class World:
         sizes = [(r + 1) * n // self.size - r * n // self.size for r in range(self.size)]
         if x.shape[0] != sizes[self.rank]:
             raise ValueError(f"rank {self.rank} holds {x.shape[0]} rows of a batch of {n}, not {sizes[self.rank]}")
-        pad = max(sizes)
-        buf = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=x.device)
-        buf[: x.shape[0]] = x
+        pad = max(sizes)  # all_gather needs equal shapes: uneven shards are padded (equal ones are sent as they are)
+        buf = x.contiguous()
+        if x.shape[0] < pad:
+            buf = torch.zeros((pad, *x.shape[1:]), dtype=x.dtype, device=x.device)
+            buf[: x.shape[0]] = x
         parts = [torch.empty_like(buf) for _ in range(self.size)]
         dist.all_gather(parts, buf)
         return torch.cat([p[:k] for p, k in zip(parts, sizes)])

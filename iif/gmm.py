@@ -38,6 +38,7 @@ class GMM:
         eye = torch.eye(d, dtype=torch.float64)
         diag = torch.diagonal(self.covs, dim1=-2, dim2=-1)[:, :1]  # [K, 1]
         self._iso_var = diag[:, 0] if torch.equal(self.covs, diag[..., None] * eye) else None
+        self._copies = {self.means.device: self}  # this mixture on each device it was asked for (see `to`)
 
     # ----------------------------------------------------------------- constructors
     @classmethod
@@ -57,15 +58,16 @@ class GMM:
         return cls.isotropic(means, var=var)
 
     def to(self, device: torch.device | str) -> "GMM":
-        """This mixture with its tensors on ``device`` (a copy; ``self`` if it is there already)."""
+        """This mixture with its tensors on ``device``: ``self`` if it is there, else a copy made once and kept
+        (callers that follow their inputs' device, ``gmm.to(x.device)``, pay the transfer once)."""
         device = torch.device(device)
-        if self.means.device == device:
-            return self
-        moved = copy.copy(self)
-        for name in ("weights", "means", "covs", "_chol", "_iso_var"):
-            value = getattr(self, name)
-            setattr(moved, name, None if value is None else value.to(device))
-        return moved
+        if device not in self._copies:
+            moved = copy.copy(self)  # shares `_copies`: every copy finds the others
+            for name in ("weights", "means", "covs", "_chol", "_iso_var"):
+                value = getattr(self, name)
+                setattr(moved, name, None if value is None else value.to(device))
+            self._copies[device] = moved
+        return self._copies[device]
 
     # ----------------------------------------------------------------- properties
     @property

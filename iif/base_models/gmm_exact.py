@@ -26,12 +26,8 @@ class GMMExact(BaseModel):
     def __init__(self, prior: GMM, schedule: VPSchedule):
         super().__init__(schedule, (prior.dim,))
         self.prior = prior
-        self._prior_on = {prior.means.device: prior}  # the mixture on each device it was asked on
 
     def predict_eps(self, x: Tensor, t: Tensor) -> Tensor:
         t64 = t.to(torch.float64)
         m, v = self.schedule.m(t64), self.schedule.v(t64)
-        if x.device not in self._prior_on:
-            self._prior_on[x.device] = self.prior.to(x.device)
-        prior = self._prior_on[x.device]
-        return (-v[:, None] * prior.noised_score(x, m, v)).to(x.dtype)
+        return (-v[:, None] * self.prior.to(x.device).noised_score(x, m, v)).to(x.dtype)

@@ -22,19 +22,13 @@ class GMMReward(Reward):
     def __init__(self, means, weights, var: float = 1.0, temperature: float = 1.0, name: str = "gmm"):
         super().__init__(temperature=temperature, name=name)
         self.gmm = GMM.isotropic(means, weights, var=var)
-        self._gmm_on = {self.gmm.means.device: self.gmm}  # the mixture on each device it was evaluated on
-
-    def _on(self, x: Tensor) -> GMM:
-        if x.device not in self._gmm_on:
-            self._gmm_on[x.device] = self.gmm.to(x.device)
-        return self._gmm_on[x.device]
 
     def evaluate(self, x: Tensor) -> Tensor:
-        return self._on(x).log_prob(x).to(x.dtype)
+        return self.gmm.to(x.device).log_prob(x).to(x.dtype)
 
     def _grad(self, x: Tensor) -> Tensor:
         """Closed form ``grad log q(x)`` (the score of the mixture)."""
-        return self._on(x).score(x).to(x.dtype)
+        return self.gmm.to(x.device).score(x).to(x.dtype)
 
 
 class BlackBoxGMMReward(GMMReward):
