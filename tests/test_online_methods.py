@@ -252,6 +252,100 @@ def test_pathwise_gradient_matches_finite_differences_of_the_sc_loss(float64_def
     assert (plus - minus) / (2 * h) == pytest.approx(analytic, rel=1e-5)
 
 
+def _gaussian_linear(n: int, b=(1.0, -0.5), s2: float = 0.3):
+    """Gaussian base ``N(mu, s^2 I)`` on an ``n``-step chain, linear reward ``<b, x>``, and the closed forms of
+    METHODS_UNIFIED.md §9.1 for a state-independent ``h = theta_k``: the base-mean slopes give ``G_k`` (how
+    ``x_0`` moves with the shift ``Delta_k``), ``dKL/dtheta_k = c_k (Delta_k / beta_k - G_k b)`` with
+    ``c_k = beta_k / sqrt(alpha_k)``, the optimum ``theta*_k = sqrt(alpha_k) G_k b`` (the tilted path measure given
+    ``x_N``), and ``G_{N+1}``, the slope of ``E[x_0 | x_N]``, so that ``log E[e^r | x_N] = <b, G_{N+1} x_N> + const``."""
+    mu = torch.tensor([0.5, -1.0])
+    sched = VPSchedule()
+    base = GMMExact(GMM.isotropic(mu[None], torch.ones(1), var=s2), sched)
+    b = torch.tensor(b)
+    disc = sched.discretise(n)
+    beta = {k: float(disc.beta[k]) for k in range(1, n + 1)}
+    alpha = {k: float(disc.alpha[k]) for k in range(1, n + 1)}
+    slope = {k: (1 - beta[k] / (float(disc.alphabar[k]) * s2 + 1 - float(disc.alphabar[k]))) / math.sqrt(alpha[k])
+             for k in range(1, n + 1)}
+    g = {k: math.prod(slope[j] for j in range(1, k)) for k in range(1, n + 2)}
+
+    def kl_grad(theta):
+        out = torch.zeros(n + 1, 2, dtype=torch.float64)
+        for k in range(1, n + 1):
+            c = beta[k] / math.sqrt(alpha[k])
+            out[k] = c * (c * theta[k].double() / beta[k] - g[k] * b.double())
+        return out
+
+    optimum = torch.zeros(n + 1, 2)
+    for k in range(1, n + 1):
+        optimum[k] = math.sqrt(alpha[k]) * g[k] * b
+    return base, DDPMSampler(n), LinearReward(b), kl_grad, optimum, g[n + 1]
+
+
+def test_stl_log_ratio_is_minus_the_log_rnd(float64_default):
+    """``rsample(stl=True)`` returns ``log dP^h/dP^0`` of each path: in value, ``-log_rnd`` of the same run, and the
+    control cost plus the zero-mean cross term; without ``stl`` it is not computed."""
+    prior, reward, base, sampler = _toy(n_steps=10)
+    guid = _guidance(reward)
+    torch.manual_seed(3)
+    traj = sampler.rsample(base, guid, 64, stl=True)
+    torch.manual_seed(3)
+    ref = sampler.sample(base, guid, 64)
+    torch.testing.assert_close(traj.stl_log_ratio.detach(), -ref.log_rnd, rtol=1e-10, atol=1e-10)
+    assert (traj.stl_log_ratio - traj.control_cost).abs().max() > 1e-3  # the cross term is there
+    assert sampler.rsample(base, guid, 8).stl_log_ratio is None
+
+
+def test_pathwise_stl_gradient_is_unbiased_gaussian_linear(float64_default):
+    """Away from the optimum, the mean over paths of the sticking-the-landing gradient of
+    ``stl_log_ratio - <b, x_0>`` equals the closed-form gradient of ``KL(P^h || P^tilt)`` (it drops a zero-mean
+    score term only)."""
+    torch.manual_seed(0)
+    n = 6
+    base, sampler, reward, kl_grad, _, _ = _gaussian_linear(n)
+    guid = StepwiseConstant(n, 2)
+    grads = []
+    for _ in range(10):
+        traj = sampler.rsample(base, guid, 20_000, stl=True)
+        loss = (traj.stl_log_ratio - reward.log_tilt_autograd(traj.x0).double()).mean()
+        grads.append(torch.autograd.grad(loss, guid.theta)[0].double())
+    g = torch.stack(grads)
+    mean, se = g.mean(0)[1:], g.std(0)[1:] / math.sqrt(len(grads))
+    expected = kl_grad(guid.theta.detach())[1:]
+    assert ((mean - expected).abs() <= 4 * se + 1e-6).all(), (mean, expected, se)
+    assert expected.abs().max() > 20 * se.max()  # the test has power
+
+
+def test_pathwise_stl_gradient_vanishes_path_by_path_at_the_optimum(float64_default):
+    """At the optimal control the path law given ``x_N`` is the tilted one, so on every path
+    ``log dP^h/dP^0 - r(x_0) = -log E[e^r | x_N]`` (``x_N`` is not controlled, and does not move with ``theta``):
+    the STL gradient of every single path is 0 (zero variance). (Here the optimal control does not depend on the
+    state, so the analytic-KL estimator ``control_cost - r`` happens to vanish too; they differ by
+    ``<z_t, grad_x Delta_t dx_t/dtheta> / sigma_t``.)"""
+    torch.manual_seed(0)
+    n = 6
+    base, sampler, reward, kl_grad, optimum, g_n1 = _gaussian_linear(n)
+    guid = StepwiseConstant(n, 2)
+    with torch.no_grad():
+        guid.theta.copy_(optimum)
+    assert kl_grad(guid.theta.detach()).abs().max() < 1e-12  # the closed-form optimum
+    torch.manual_seed(1)
+    x_n = base.prior_sample(256)
+    torch.manual_seed(1)
+    traj = sampler.rsample(base, guid, 256, stl=True)
+    r = reward.log_tilt_autograd(traj.x0).double()
+    per_path = traj.stl_log_ratio - r
+    value = per_path.detach() + g_n1 * (x_n.double() @ reward.b.double())  # + log E[e^r | x_N] - const
+    assert per_path.detach().std() > 1e-3 and value.std() < 1e-10
+    weights = torch.randn(256)  # a random combination of the per-path gradients is 0 iff (a.s.) each one is
+    assert torch.autograd.grad((weights * per_path).sum(), guid.theta)[0].abs().max() < 1e-9
+    with torch.no_grad():  # away from the optimum the same combination is not 0 (the check has power)
+        guid.theta.add_(0.1 * torch.randn_like(guid.theta))
+    traj = sampler.rsample(base, guid, 256, stl=True)
+    per_path = traj.stl_log_ratio - reward.log_tilt_autograd(traj.x0).double()
+    assert torch.autograd.grad((weights * per_path).sum(), guid.theta)[0].abs().max() > 1e-2
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 @pytest.mark.parametrize("method", ["pathwise", "vargrad", "dpok", "am"])
 def test_method_runs_and_resumes_to_the_same_result(tmp_path, monkeypatch, method):

@@ -24,6 +24,8 @@ class Trajectory:
         base_means: ``[N, B, *shape]`` the base kernel means ``mu^0_t(x_t)`` of each step if asked for, else None.
         x0_hats: ``[N, B, *shape]`` the base's Tweedie estimates at ``x_N, ..., x_1`` if asked for, else None.
         nfe: network evaluations of the base model per sample.
+        stl_log_ratio: ``[B]`` float64 ``log dP^h/dP^0`` with the sticking-the-landing graph
+            (``DDPMSampler.rsample(stl=True)``), else None.
     """
 
     x0: Tensor
@@ -34,3 +36,4 @@ class Trajectory:
     base_means: Tensor | None = None
     x0_hats: Tensor | None = None
     nfe: int = 0
+    stl_log_ratio: Tensor | None = None

@@ -41,6 +41,15 @@ def log_rnd_increment(delta: Tensor, z: Tensor, sigma: float) -> Tensor:
     return rnd_step(d, z.to(torch.float64), sigma)[0]
 
 
+def stl_step(shift: Tensor, delta_bar: Tensor, sigma: float) -> Tensor:
+    """``log p^{h_bar}(x'|x) - log p^0(x'|x) = (||s||^2 - ||s - Delta_bar||^2) / (2 sigma^2)``, ``[B]`` float64,
+    for the realised shift ``s = x' - mu^0(x)`` and a frozen-parameter guidance shift ``Delta_bar`` (both ``[B, *shape]``,
+    with graphs through the states). With ``s = Delta + sigma z`` and ``Delta_bar == Delta`` in value, it equals
+    ``||Delta||^2 / (2 sigma^2) + <Delta, z> / sigma = -(log-RND increment)`` (:func:`rnd_step`)."""
+    s, d = shift.flatten(1).to(torch.float64), delta_bar.flatten(1).to(torch.float64)
+    return ((s * s).sum(1) - ((s - d) ** 2).sum(1)) / (2 * sigma ** 2)
+
+
 class Step:
     """Coefficients of one reverse step ``x_k -> x_{k-1}`` of the DDPM chain (METHODS.md §0.2).
 
@@ -109,12 +118,21 @@ class DDPMSampler:
         return self._run(base, guidance, n, keep_states=keep_states, accumulate_rnd=accumulate_rnd,
                          progress=progress, rows=rows)
 
-    def rsample(self, base: BaseModel, guidance: Guidance, n: int, *, progress: bool = False,
+    def rsample(self, base: BaseModel, guidance: Guidance, n: int, *, stl: bool = False, progress: bool = False,
                 rows: slice | None = None) -> Trajectory:
         """Like :meth:`sample`, but differentiable: ``x0`` and ``control_cost`` keep the autograd graph through
-        every step, the guidance and the base network (the reparametrised path; memory grows with ``N``)."""
+        every step, the guidance and the base network (the reparametrised path; memory grows with ``N``).
+
+        ``stl``: also return ``stl_log_ratio``, the path's ``log dP^h/dP^0`` with the "sticking the landing" graph
+        (Roeder et al. 2017): per step ``log p^{h_bar}(x_{t-1}|x_t) - log p^0(x_{t-1}|x_t)`` where ``h_bar`` is the
+        guidance with its parameters detached, evaluated at the (differentiable) states. Its value is ``-log_rnd``;
+        its gradient is the reparametrised gradient of the path KL without the score term
+        ``<z_t, d Delta_t / d theta |_x> / sigma_t`` (zero mean), so it vanishes path by path at the optimum.
+        Costs one more guidance evaluation per step.
+        """
         with torch.enable_grad():
-            return self._run(base, guidance, n, keep_states=False, accumulate_rnd=True, progress=progress, rows=rows)
+            return self._run(base, guidance, n, keep_states=False, accumulate_rnd=True, progress=progress, rows=rows,
+                             stl=stl)
 
     @staticmethod
     def _noise(n: int, x: Tensor, rows: slice) -> Tensor:
@@ -123,7 +141,7 @@ class DDPMSampler:
         z = torch.randn((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
         return z if x.shape[0] == n else z[rows].clone()
 
-    def _run(self, base, guidance, n, *, keep_states, accumulate_rnd, progress, rows=None) -> Trajectory:
+    def _run(self, base, guidance, n, *, keep_states, accumulate_rnd, progress, rows=None, stl=False) -> Trajectory:
         if n < 1:
             raise ValueError(f"number of samples must be >= 1, got {n}")
         rows = slice(None) if rows is None else rows
@@ -131,6 +149,8 @@ class DDPMSampler:
         n_rows = x.shape[0]
         log_rnd = torch.zeros(n_rows, dtype=torch.float64, device=x.device)
         control_cost = torch.zeros(n_rows, dtype=torch.float64, device=x.device)
+        stl_log_ratio = torch.zeros(n_rows, dtype=torch.float64, device=x.device) if stl else None
+        frozen = {name: p.detach() for name, p in guidance.named_parameters()} if stl else None
         keep = {"states": [x], "noises": [], "base_means": [], "x0_hats": []} if keep_states else None
         bar = tqdm(self.steps(base), desc="sampling", leave=False, disable=not (progress and progress_enabled()))
         for step in bar:
@@ -150,13 +170,18 @@ class DDPMSampler:
                 # 2. guidance shift from h(x_t, t), which sees the base's Tweedie estimate
                 delta = step.shift(guidance(x, t, x0_hat))
                 # 3. step
-                x = mu0 + delta + step.sigma * z
+                x_prev, x = x, mu0 + delta + step.sigma * z
                 # 4. path log-RND and control cost, float64
                 if accumulate_rnd:
                     inc, quad = rnd_step(delta, z, step.sigma)
                     log_rnd += inc.detach()
                     control_cost = control_cost + quad
+                if stl:
+                    # 5. sticking the landing: log p^{h_bar} - log p^0 at the new state, h_bar with frozen parameters
+                    delta_bar = step.shift(torch.func.functional_call(guidance, frozen, (x_prev, t, x0_hat)))
+                    stl_log_ratio = stl_log_ratio + stl_step(x - mu0, delta_bar, step.sigma)
             if keep_states:
                 keep["states"].append(x.detach())
         stacked = {k: torch.stack(v) for k, v in keep.items()} if keep_states else {}
-        return Trajectory(x0=x, log_rnd=log_rnd, control_cost=control_cost, nfe=self.n_steps, **stacked)
+        return Trajectory(x0=x, log_rnd=log_rnd, control_cost=control_cost, nfe=self.n_steps,
+                          stl_log_ratio=stl_log_ratio, **stacked)
