@@ -185,14 +185,50 @@ def cleanup_failed_start(run_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, comp: Components, iteration: int, wall_s: float, run_id: str | None,
-                    method_name: str, budget: dict[str, int]) -> None:
+                    method_name: str, budget: dict[str, int], config: dict) -> None:
     """Rank 0's: the processes of a run hold the same state (``iif.distributed``); ``budget`` is the run's
-    (:meth:`Budget.snapshot`, taken by every process)."""
+    (:meth:`Budget.snapshot`, taken by every process); ``config`` the resolved config (checked on resume)."""
     atomic_torch_save({
         "format": CHECKPOINT_FORMAT, "method": method_name, "iteration": iteration, "wall_s": wall_s,
         "wandb_run_id": run_id, "rng": devices.rng_state(comp.device), "state": comp.method.state_dict(),
-        "budget": budget,
+        "budget": budget, "config": config,
     }, run_dir / CHECKPOINT)
+
+
+# Keys a resumed run may change: where and how fast it runs, how it logs, how often it checkpoints and evaluates.
+# Everything else (the problem, the method and its settings, the seed, the number of iterations, which sets the
+# learning-rate schedule) must be the checkpoint's, or the run would continue a different run's state.
+RESUME_FREE = ("torch_threads", "device", "cache_dir", "checkpoint_every", "eval_every", "logger", "resources",
+               "debug")
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``key: checkpoint value -> current value`` for every setting that differs between a checkpoint's resolved
+    config and this run's, keys under :data:`RESUME_FREE` excepted."""
+    old, new = _flatten(saved), _flatten(current)
+    free = tuple(f"{k}." for k in RESUME_FREE)
+
+    def shown(tree: dict, k: str) -> str:
+        return repr(tree[k]) if k in tree else "(absent)"
+
+    return [f"{k}: {shown(old, k)} -> {shown(new, k)}" for k in sorted(old.keys() | new.keys())
+            if not f"{k}.".startswith(free) and old.get(k, ...) != new.get(k, ...)]
+
+
+def check_resumable(ckpt: dict, resolved: dict, run_dir: Path) -> None:
+    """A checkpoint resumes only under its own config (checkpoints from before configs were stored: unchecked)."""
+    if "config" not in ckpt:
+        return
+    if changes := config_changes(ckpt["config"], resolved):
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        raise ConfigError(f"{run_dir} holds a checkpoint of a run with other settings ({shown}). Resume it with its "
+                          f"own settings, or give this run another directory (hydra.run.dir=... / hydra.sweep.dir=...)")
 
 
 # Kill safety (scripts/kill_test.py SIGKILLs a run at random moments and checks that the restarted run ends
@@ -291,10 +327,12 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         check_cache_writable(comp.base, choices)
         ckpt_path = run_dir / CHECKPOINT
         ckpt = load_checkpoint(ckpt_path, method_name) if ckpt_path.exists() else None
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        if ckpt is not None:
+            check_resumable(ckpt, resolved, run_dir)
     except Exception:
         cleanup_failed_start(run_dir)
         raise
-    resolved = OmegaConf.to_container(cfg, resolve=True)
     if main:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         comp.base.prepare()  # may pretrain (cached)
@@ -330,7 +368,7 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
             wall_s += time.perf_counter() - t0
             budget = comp.budget.snapshot()
             if main:
-                save_checkpoint(run_dir, comp, 0, wall_s, logger.run_id, method_name, budget)
+                save_checkpoint(run_dir, comp, 0, wall_s, logger.run_id, method_name, budget, resolved)
         # ---- 3. the loop
         with (metrics_log.open("a") if main else open(os.devnull, "w")) as f:
             for it in trange(start, cfg.iterations, desc=f"{method_name}", initial=start, total=cfg.iterations,
@@ -346,7 +384,7 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
                 f.flush()
                 logger.log(row, step=it + 1)
                 if main and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
-                    save_checkpoint(run_dir, comp, it + 1, wall_s, logger.run_id, method_name, budget)
+                    save_checkpoint(run_dir, comp, it + 1, wall_s, logger.run_id, method_name, budget, resolved)
         # ---- 4. final evaluation
         final, samples = evaluate(comp, cfg.seed)
         final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), **comp.budget.snapshot(), iterations=cfg.iterations,

@@ -150,14 +150,17 @@ def test_online_methods_across_two_processes_compute_the_run_of_one(method, tmp_
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun([*args, f"hydra.run.dir={tmp_path / 'two'}"], cli_env, tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
-    # am: float differences of the sharded batch (float32 adjoints through the base VJP, the clipping quantile of
-    # gathered terms) grow fast here: 7e-7 relative after iteration 1, 1.5e-4 after 3 (measured); pathwise's
-    # gradient norm (float32 through the whole chain) 1.6e-5 after 3; everything else ~1e-7
-    rel = 1e-3 if method == "am" else 1e-4
+    # Iteration 1 is the same computation up to float summation order (~1e-7). After it, float differences of the
+    # sharded batch are amplified (measured, relative): am (float32 adjoints through the base VJP, the clipping
+    # quantile of gathered terms) 7e-7 after iteration 1, 1.5e-4 after 3; pathwise's gradient norm (float32 through
+    # the whole chain, a heavy-tailed sum over paths) 6e-8, 1.2e-6, then 1.6e-5 (analytic KL) or 4.3e-4 (STL) after 3;
+    # everything else ~1e-7. A wrong shard, a missing or doubled factor would show at O(1) from iteration 1.
     ra, rb = rows(tmp_path / "one"), rows(tmp_path / "two")
     for x, y in zip(ra, rb, strict=True):
+        rel = 1e-5 if x["iteration"] == 1 else 1e-3
         for k in x.keys() - {"wall_s"}:  # grad_norm included: the norm of the averaged gradient
             assert y[k] == pytest.approx(x[k], rel=rel, abs=1e-6), (method, x["iteration"], k)
+    rel = 1e-3
     fa, fb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
     for k in ("mode_tv", "energy_distance", "reward_mean", "sc_loss"):
         assert fb[k] == pytest.approx(fa[k], rel=rel), (method, k)

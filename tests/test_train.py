@@ -109,6 +109,37 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
 
 
+def test_resume_with_other_settings_is_refused_and_leaves_the_run_intact(tmp_path, cli_env):
+    """A run directory resumes only under the settings its checkpoint was written with: another learning rate (or
+    estimator, seed, number of iterations...) would continue this run's weights under a config that did not produce
+    them, and record the new config as the run's. One error line (exit 2) naming the key with both values; the
+    checkpoint, metrics and config are untouched. Keys that only say where and how the run executes may change."""
+    run_dir = tmp_path / "r"
+    args = [*FAST, "iterations=2", f"hydra.run.dir={run_dir}"]
+    run_cli(args, cli_env)
+    files = {name: (run_dir / name).read_bytes() for name in ("checkpoint.pt", "metrics.json", "config.yaml")}
+    proc = run_cli([*args, "method.optimizer.lr=0.001"], cli_env, check=False)
+    assert proc.returncode == 2
+    assert "holds a checkpoint of a run with other settings (method.optimizer.lr: 0.002 -> 0.001)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert {name: (run_dir / name).read_bytes() for name in files} == files
+    # where and how it runs may change: it resumes (at its last iteration) and evaluates again, to the same numbers
+    final = json.loads(files["metrics.json"])
+    run_cli([*args, "torch_threads=1", "checkpoint_every=2", "eval_every=1", "device=cpu"], cli_env)
+    again = json.loads((run_dir / "metrics.json").read_text())
+    assert again["mode_tv"] == final["mode_tv"] and "resuming" in (run_dir / "train.log").read_text()
+
+
+def test_config_changes_lists_differences_outside_the_free_keys():
+    from iif.train import config_changes
+    saved = {"seed": 0, "torch_threads": 2, "method": {"lr": 0.1, "steps": [1, 2]}, "logger": {"mode": "offline"}}
+    current = {"seed": 1, "torch_threads": 1, "method": {"lr": 0.1, "steps": [1, 3], "new": True},
+               "logger": {"mode": "online", "extra": 1}}
+    assert config_changes(saved, current) == ["method.new: (absent) -> True", "method.steps: [1, 2] -> [1, 3]",
+                                              "seed: 0 -> 1"]
+    assert config_changes(saved, saved) == []
+
+
 def test_unknown_option_is_one_clear_error(tmp_path, cli_env):
     proc = run_cli(["method=nope", *FAST[:2], f"hydra.run.dir={tmp_path / 'r'}"], cli_env, check=False)
     assert proc.returncode != 0
