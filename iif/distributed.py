@@ -105,6 +105,15 @@ class World:
         dist.all_reduce(t)
         return {k: v for k, v in zip(keys, t.tolist())}
 
+    def max(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value's maximum over ranks (e.g. the peak memory of the largest process)."""
+        if self.size == 1:
+            return dict(values)
+        keys = list(values)
+        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return {k: v for k, v in zip(keys, t.tolist())}
+
     def mean(self, values: dict[str, float]) -> dict[str, float]:
         """Each value averaged over ranks (e.g. a loss logged by every process for its rows)."""
         return {k: v / self.size for k, v in self.sum(values).items()}

@@ -389,8 +389,8 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         final, samples = evaluate(comp, cfg.seed)
         final.update(wall_s=wall_s, peak_mem_mb=peak_mem_mb(), **comp.budget.snapshot(), iterations=cfg.iterations,
                      seed=cfg.seed, method=method_name, base_model=choices.get("base_model"), experiment=exp)
-        if ranks.size > 1:
-            final["processes"] = ranks.size
+        if ranks.size > 1:  # the slowest process's time and the largest process's memory
+            final.update(ranks.max({"wall_s": wall_s, "peak_mem_mb": final["peak_mem_mb"]}), processes=ranks.size)
         if not main:  # wait for rank 0 to write the run's files: a process that ends first ends the run for torchrun
             ranks.barrier()
             exit_code = 0

@@ -203,6 +203,7 @@ def _primitives(rank: int, size: int, init_file: str, out: str) -> None:
     w.mean_(grads)
     result["mean"] = grads
     result["sum"] = w.sum({"a": rank + 1, "b": 0.5})
+    result["max"] = w.max({"a": float(rank), "b": -float(rank)})
     result["broadcast"] = w.broadcast({"rank": rank})
     w.check_replicated({"same": torch.ones(3)}, "a replicated tensor")
     try:
@@ -224,6 +225,7 @@ def test_world_primitives_on_three_gloo_processes(tmp_path):
         torch.testing.assert_close(r["mean"][0], torch.full((2, 2), 1.0))  # (0 + 1 + 2) / 3
         torch.testing.assert_close(r["mean"][1], torch.full((3,), 10.0))
         assert r["sum"] == {"a": 6.0, "b": 1.5}
+        assert r["max"] == {"a": 2.0, "b": 0.0}
         assert r["broadcast"] == {"rank": 0}
         assert "the base model's weights differs between the processes of this run" in r["error"]
 
