@@ -48,7 +48,11 @@ def components(run: Path | None, overrides: list[str]):
         trainer = state.get("state", {}).get("trainer")
         if trainer is None:
             sys.exit(f"pathwise_diagnostics: {path} holds no trained guidance (method '{state.get('method')}')")
-        comp.method.guidance.load_state_dict(trainer["ema"] or trainer["module"])
+        try:
+            comp.method.guidance.load_state_dict(trainer["ema"] or trainer["module"])
+        except RuntimeError as e:
+            sys.exit(f"pathwise_diagnostics: the guidance in {path} does not fit this config's (pass the run's "
+                     f"overrides, e.g. guidance=mlp): {str(e).splitlines()[0]}")
     return comp
 
 

@@ -257,7 +257,8 @@ def _gaussian_linear(n: int, b=(1.0, -0.5), s2: float = 0.3):
     METHODS_UNIFIED.md §9.1 for a state-independent ``h = theta_k``: the base-mean slopes give ``G_k`` (how
     ``x_0`` moves with the shift ``Delta_k``), ``dKL/dtheta_k = c_k (Delta_k / beta_k - G_k b)`` with
     ``c_k = beta_k / sqrt(alpha_k)``, the optimum ``theta*_k = sqrt(alpha_k) G_k b`` (the tilted path measure given
-    ``x_N``), and ``G_{N+1}``, the slope of ``E[x_0 | x_N]``, so that ``log E[e^r | x_N] = <b, G_{N+1} x_N> + const``."""
+    ``x_N``), and ``G_{N+1}``, the slope of ``E[x_0 | x_N]``, so that
+    ``log E[e^r | x_N] = <b, G_{N+1} x_N> + const``."""
     mu = torch.tensor([0.5, -1.0])
     sched = VPSchedule()
     base = GMMExact(GMM.isotropic(mu[None], torch.ones(1), var=s2), sched)

@@ -64,3 +64,9 @@ def test_warm_needs_a_run(tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pathwise_diagnostics.py"), "grad", "--run",
                            str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0 and "checkpoint.pt does not exist" in proc.stderr
+
+
+def test_a_guidance_that_does_not_fit_is_one_error(tmp_path, iif_run):
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "pathwise_diagnostics.py"), "grad", "--run",
+                           str(iif_run), *SIZES, "guidance=mlp"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0 and "does not fit this config's" in proc.stderr and "Traceback" not in proc.stderr

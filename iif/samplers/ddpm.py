@@ -43,8 +43,8 @@ def log_rnd_increment(delta: Tensor, z: Tensor, sigma: float) -> Tensor:
 
 def stl_step(shift: Tensor, delta_bar: Tensor, sigma: float) -> Tensor:
     """``log p^{h_bar}(x'|x) - log p^0(x'|x) = (||s||^2 - ||s - Delta_bar||^2) / (2 sigma^2)``, ``[B]`` float64,
-    for the realised shift ``s = x' - mu^0(x)`` and a frozen-parameter guidance shift ``Delta_bar`` (both ``[B, *shape]``,
-    with graphs through the states). With ``s = Delta + sigma z`` and ``Delta_bar == Delta`` in value, it equals
+    for the realised shift ``s = x' - mu^0(x)`` and a frozen-parameter guidance shift ``Delta_bar`` (both
+    ``[B, *shape]``, with graphs through the states). With ``s = Delta + sigma z`` and ``Delta_bar == Delta`` in value, it equals
     ``||Delta||^2 / (2 sigma^2) + <Delta, z> / sigma = -(log-RND increment)`` (:func:`rnd_step`)."""
     s, d = shift.flatten(1).to(torch.float64), delta_bar.flatten(1).to(torch.float64)
     return ((s * s).sum(1) - ((s - d) ** 2).sum(1)) / (2 * sigma ** 2)
@@ -86,6 +86,8 @@ class DDPMSampler:
     2. ``Delta_t = beta_t / sqrt(alpha_t) * h``                                  (guidance shift)
     3. ``x_{t-1} = mu^0_t + Delta_t + sigma_t z_t``, ``sigma_t^2 = beta_t``, ``z_t ~ N(0, I)``
     4. ``log RND -= ||Delta_t||^2 / (2 sigma_t^2) + <Delta_t, z_t> / sigma_t``    ([IIF 44])
+    5. (``rsample(stl=True)`` only) ``stl_log_ratio += log p^{h_bar}(x_{t-1}|x_t) - log p^0(x_{t-1}|x_t)``, ``h_bar``
+       the guidance with frozen parameters (:func:`stl_step`)
 
     ``sigma_t^2 = beta_t`` on every step, the last included, so every kernel is non-degenerate and the RND is
     finite (METHODS.md §2.4 option (a)). One base evaluation per step; nothing else is evaluated for the RND.
