@@ -31,6 +31,7 @@ from __future__ import annotations
 import datetime as _dt
 import logging
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -171,6 +172,23 @@ def env_world_size() -> int:
     return 1
 
 
+def master_port(job_id: str, ephemeral: tuple[int, int] | None = None) -> int:
+    """Rank 0's rendezvous port in a multi-task Slurm job: drawn from the job id, so every task derives the same one,
+    and outside the kernel's ephemeral range (``ip_local_port_range``), where outgoing connections take their local
+    ports. submitit's own choice, anywhere in 20000-60000, failed once in a test with EADDRINUSE on a port held by
+    such a connection (the other task then waits for rank 0 until the time-out)."""
+    if ephemeral is None:
+        try:
+            lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        except (OSError, ValueError):
+            lo, hi = 32768, 60999  # Linux's default
+    else:
+        lo, hi = ephemeral
+    ranges = [r for r in ((20000, lo - 1), (hi + 1, 65535)) if r[1] - r[0] >= 1000]
+    low, high = max(ranges, key=lambda r: r[1] - r[0]) if ranges else (20000, 60000)
+    return random.Random(f"iif-{job_id}").randint(low, high)
+
+
 def init_from_env() -> World:
     """Join the process group that the launcher set up in the environment (idempotent); single process if none.
 
@@ -181,9 +199,11 @@ def init_from_env() -> World:
     if dist.is_initialized() or env_world_size() == 1:
         return _WORLD
     if "WORLD_SIZE" not in os.environ:  # a submitit task: export what env:// initialisation reads
+        from submitit import JobEnvironment
         from submitit.helpers import TorchDistributedEnvironment
 
-        TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        os.environ.setdefault("MASTER_PORT", str(master_port(JobEnvironment().job_id)))  # read back by submitit
+        TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():  # this process's GPU, before any collective (and for device=cuda)
         from iif.device import local_gpu
@@ -198,8 +218,9 @@ def init_from_env() -> World:
     dist.init_process_group(backend=backend, store=store, rank=rank, world_size=size, timeout=timeout)
     _WORLD = World(dist.get_rank(), dist.get_world_size(), local_rank)
     _START = _WORLD.broadcast(_launcher_start_time() or _dt.datetime.now())
-    log.info("process %d of %d (%s backend)", _WORLD.rank, _WORLD.size,
-             backend or ("gloo for CPU, nccl for CUDA tensors" if torch.cuda.is_available() else "gloo"))
+    log.info("process %d of %d (%s backend; rendezvous at %s:%s)", _WORLD.rank, _WORLD.size,
+             backend or ("gloo for CPU, nccl for CUDA tensors" if torch.cuda.is_available() else "gloo"),
+             os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT"))
     return _WORLD
 
 

@@ -230,6 +230,21 @@ def test_world_primitives_on_three_gloo_processes(tmp_path):
         assert "the base model's weights differs between the processes of this run" in r["error"]
 
 
+def test_master_port_is_shared_by_the_tasks_of_a_job_and_outside_the_ephemeral_range():
+    """Every task of a job derives the same port from the job id; it lies outside the range the kernel gives to
+    outgoing connections (a port there was once taken, and the job's rank 0 failed with EADDRINUSE)."""
+    from iif.distributed import master_port
+
+    ports = {master_port(str(job)) for job in range(200)}
+    assert master_port("138") == master_port("138") and len(ports) > 150  # deterministic, spread
+    lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert all(not lo <= p <= hi and 20000 <= p <= 65535 for p in ports)
+    for ephemeral in ((32768, 60999), (20000, 60999), (1024, 65535)):  # Linux's default, a low one, everything
+        p = master_port("7_3", ephemeral)
+        assert (not ephemeral[0] <= p <= ephemeral[1]) or ephemeral == (1024, 65535)
+        assert 20000 <= p <= 65535
+
+
 # ------------------------------------------------------------------------------- sharded computations
 def test_sampler_rows_are_the_rows_of_the_whole_batch():
     """What one process runs with ``rows`` is exactly those rows of the whole batch (the same noises)."""

@@ -289,7 +289,10 @@ def test_one_run_across_two_slurm_tasks(slurm_cluster, tmp_path, cli_env):
     (run_dir,) = sweep.run_dirs()
     assert "#SBATCH --ntasks-per-node=2" in "".join(p.read_text() for p in sweep.sweeps.glob("*/.submitit/*/*.sh"))
     task_logs = "".join(p.read_text() for p in sweep.sweeps.glob("*/.submitit/*/*_log.*"))
-    assert "process 0 of 2 (gloo backend)" in task_logs and "process 1 of 2 (gloo backend)" in task_logs
+    assert "process 0 of 2 (gloo backend" in task_logs and "process 1 of 2 (gloo backend" in task_logs
+    (port,) = set(re.findall(r"rendezvous at \S+:(\d+)\)", task_logs))  # both tasks: the job id's port
+    lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    assert not lo <= int(port) <= hi  # iif.distributed.master_port, not in the range of outgoing connections
     two = json.loads((run_dir / "metrics.json").read_text())
     one_dir = tmp_path / "one"
     proc = run_cli([*TOY, "method=iif", "logger=none", "torch_threads=1", f"hydra.run.dir={one_dir}"], cli_env)
