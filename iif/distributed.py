@@ -99,20 +99,19 @@ class World:
 
     def sum(self, values: dict[str, float]) -> dict[str, float]:
         """Each value summed over ranks (float64; e.g. the budget counters)."""
-        if self.size == 1:
-            return dict(values)
-        keys = list(values)
-        t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(t)
-        return {k: v for k, v in zip(keys, t.tolist())}
+        return self._reduce(values, dist.ReduceOp.SUM)
 
     def max(self, values: dict[str, float]) -> dict[str, float]:
         """Each value's maximum over ranks (e.g. the peak memory of the largest process)."""
+        return self._reduce(values, dist.ReduceOp.MAX)
+
+    def _reduce(self, values: dict[str, float], op) -> dict[str, float]:
+        """``values`` reduced over ranks by ``op`` (a ``torch.distributed.ReduceOp``), in one float64 all-reduce."""
         if self.size == 1:
             return dict(values)
         keys = list(values)
         t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=op)
         return {k: v for k, v in zip(keys, t.tolist())}
 
     def mean(self, values: dict[str, float]) -> dict[str, float]:

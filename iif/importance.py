@@ -52,7 +52,7 @@ def solve_log_c(log_w: Tensor, rho: float) -> float:
     valid = room > 0
     log_c = torch.full_like(srt, math.inf)
     log_c[valid] = tail[valid] - torch.log(room[valid])
-    upper = torch.cat([torch.tensor([math.inf], dtype=torch.float64, device=srt.device), srt[:-1]])  # l_(k), with l_(0)=+inf
+    upper = torch.cat([srt.new_full((1,), math.inf), srt[:-1]])  # l_(k), with l_(0)=+inf
     tol = 1e-12 * (1 + srt.abs())
     ok = valid & (log_c <= upper + tol) & (log_c >= srt - tol)
     idx = torch.nonzero(ok)

@@ -297,6 +297,52 @@ def test_stl_log_ratio_is_minus_the_log_rnd(float64_default):
     assert sampler.rsample(base, guid, 8).stl_log_ratio is None
 
 
+def test_pathwise_stl_gradient_matches_finite_differences_with_frozen_log_density(float64_default):
+    """With a state-dependent ``h`` (the reward-informed one, whose features move with ``x_t``), the STL gradient is
+    the derivative of ``E[log p^{theta_0}(x) - log p^0(x) - r(x_0)]`` w.r.t. the ``theta`` that generates the paths
+    ``x``, at ``theta = theta_0``, with ``theta_0`` frozen in the log-density. Reference: central differences of that
+    loss written out here from stored states (the no-grad sampler with common random numbers generates the
+    perturbed paths; an unperturbed copy of the guidance evaluates ``Delta_{theta_0}(x_t)``). A log-ratio whose
+    frozen shift ignored how ``x_t`` moves, or a flipped sign, would differ."""
+    import copy
+
+    prior, reward, base, sampler = _toy(n_steps=10)
+    guid = _guidance(reward)
+    frozen = copy.deepcopy(guid)
+    params = list(guid.parameters())
+
+    def reference_loss() -> float:  # paths of the current guid; log-density of the frozen copy (theta_0)
+        torch.manual_seed(7)
+        traj = sampler.sample(base, guid, 64, keep_states=True)
+        total = -reward.log_tilt(traj.x0).double()
+        for i, step in enumerate(sampler.steps(base)):
+            x, x_next = traj.states[i], traj.states[i + 1]
+            s = x_next - traj.base_means[i]  # x_{t-1} - mu^0(x_t)
+            d = step.shift(frozen(x, step.times(x.shape[0], x.dtype), traj.x0_hats[i]))
+            total = total + ((s ** 2).sum(1) - ((s - d) ** 2).sum(1)) / (2 * step.beta)
+        return total.mean().item()
+
+    torch.manual_seed(7)
+    traj = sampler.rsample(base, guid, 64, stl=True)
+    loss = (traj.stl_log_ratio - reward.log_tilt_autograd(traj.x0)).mean()
+    assert loss.item() == pytest.approx(reference_loss(), rel=1e-10)  # the same loss, in value
+    grads = torch.autograd.grad(loss, params)
+    direction = [torch.randn_like(p) for p in params]
+    analytic = sum((g * d).sum() for g, d in zip(grads, direction)).item()
+    h = 1e-6
+    with torch.no_grad():
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+        plus = reference_loss()
+        for p, d in zip(params, direction):
+            p.sub_(2 * h * d)
+        minus = reference_loss()
+        for p, d in zip(params, direction):
+            p.add_(h * d)
+    assert abs(analytic) > 1e-2
+    assert (plus - minus) / (2 * h) == pytest.approx(analytic, rel=1e-5)
+
+
 def test_pathwise_stl_gradient_is_unbiased_gaussian_linear(float64_default):
     """Away from the optimum, the mean over paths of the sticking-the-landing gradient of
     ``stl_log_ratio - <b, x_0>`` equals the closed-form gradient of ``KL(P^h || P^tilt)`` (it drops a zero-mean
