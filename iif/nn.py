@@ -1,12 +1,23 @@
 """Small networks shared by base models and guidance."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from iif.schedule import timestep_embedding
-
 Tensor = torch.Tensor
+
+
+def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, scale: float = 1000.0) -> Tensor:
+    """Sinusoidal embedding of continuous times ``t [B] in [0, 1]`` -> ``[B, dim]``.
+
+    Frequencies ``scale * max_period^(-i / (dim/2))``; ``scale = 1000`` is DDPM's (integer steps).
+    """
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = scale * t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
 class TimeMLP(nn.Module):

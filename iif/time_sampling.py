@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from iif.schedule import VPSchedule
+from iif.schedules.base import GaussianPath
+from iif.schedules.vp import VPSchedule
 
 Tensor = torch.Tensor
 
@@ -24,10 +25,10 @@ class UniformTime:
             raise ValueError(f"t_min must lie in [0, 1), got {t_min}")
         self.t_min = t_min
 
-    def __call__(self, n: int, schedule: VPSchedule) -> Tensor:
+    def __call__(self, n: int, schedule: GaussianPath) -> Tensor:
         return self.t_min + (1 - self.t_min) * torch.rand(n, device="cpu")
 
-    def density(self, t: Tensor, schedule: VPSchedule) -> Tensor:
+    def density(self, t: Tensor, schedule: GaussianPath) -> Tensor:
         """``p(t)``, so that ``f(t) / p(t)`` estimates ``int_{t_min}^1 f`` without bias."""
         return torch.full_like(t, 1.0 / (1 - self.t_min))
 
@@ -36,6 +37,7 @@ class BetaTime(UniformTime):
     """``t`` on ``[t_min, 1]`` with density ``∝ beta(t) = b0 + t (b1 - b0)`` (inverse CDF of a quadratic)."""
 
     def __call__(self, n: int, schedule: VPSchedule) -> Tensor:
+        self._check(schedule)
         b0, db = schedule.beta_min, schedule.beta_max - schedule.beta_min
 
         def cdf(t):  # int_0^t beta
@@ -45,6 +47,12 @@ class BetaTime(UniformTime):
         c = lo + (hi - lo) * torch.rand(n, dtype=torch.float64, device="cpu")
         t = (-b0 + torch.sqrt(b0 ** 2 + 2 * db * c)) / db  # solve b0 t + db t^2 / 2 = c
         return t.float()
+
+    @staticmethod
+    def _check(schedule) -> None:
+        if not isinstance(schedule, VPSchedule):
+            raise ValueError(f"time sampler BetaTime needs the continuous VP-SDE (base_model.schedule), got "
+                             f"{schedule!r}; use iif.time_sampling.UniformTime")
 
     def density(self, t: Tensor, schedule: VPSchedule) -> Tensor:
         b0, db = schedule.beta_min, schedule.beta_max - schedule.beta_min

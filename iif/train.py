@@ -41,7 +41,7 @@ log = logging.getLogger("iif.train")
 CHECKPOINT = "checkpoint.pt"
 CHECKPOINT_FORMAT = "iif-checkpoint-v1"
 # which config group provides each capability a component may require
-PROVIDERS = {"differentiable_reward": "reward", "per_step_kernels": "base_model", "differentiable_base": "base_model"}
+PROVIDERS = {"differentiable_reward": "reward", "per_step_kernels": "sampler", "differentiable_base": "base_model"}
 
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -77,7 +77,9 @@ def apply_debug_overrides(cfg: DictConfig, cli_overrides: list[str] = ()) -> Non
 def check_pairing(cfg: DictConfig, choices: dict[str, str]) -> None:
     """Fail before any compute if a component needs a capability another component does not provide."""
     reward_cls, base_cls = get_class(cfg.reward._target_), get_class(cfg.base_model._target_)
-    provided = set(base_cls.provides) | ({"differentiable_reward"} if reward_cls.differentiable else set())
+    sampler = instantiate(cfg.sampler)  # cheap; what it provides may depend on its settings (DDIM's eta)
+    provided = (set(base_cls.provides) | set(sampler.provides)
+                | ({"differentiable_reward"} if reward_cls.differentiable else set()))
     method_cls = get_class(cfg.method._target_)
     needers = [("method", method_cls.requires)]
     if method_cls.uses_guidance:
@@ -152,14 +154,15 @@ class Components:
 def build(cfg: DictConfig, device: torch.device = torch.device("cpu")) -> Components:
     """Instantiate every component from its ``_target_`` (cheap: no pretraining, no sampling); the networks are
     placed on ``device`` before the method (and its optimiser) is built."""
-    schedule = instantiate(cfg.schedule)
     prior = instantiate(cfg.prior)
-    base = instantiate(cfg.base_model, prior=prior, schedule=schedule).place(device)
+    base = instantiate(cfg.base_model, prior=prior).place(device)  # with its schedule (base_model.schedule)
     reward = instantiate(cfg.reward)
-    guidance = instantiate(cfg.guidance, dim=prior.dim, reward=reward).to(device)
+    guidance = instantiate(cfg.guidance, base=base, reward=reward).to(device)
     sampler = instantiate(cfg.sampler)
     buffer = instantiate(cfg.buffer)
-    method = instantiate(cfg.method, base=base, reward=reward, sampler=sampler, guidance=guidance, buffer=buffer)
+    conditions = instantiate(cfg.conditions)
+    method = instantiate(cfg.method, base=base, reward=reward, sampler=sampler, guidance=guidance, buffer=buffer,
+                         conditions=conditions)
     target = instantiate(cfg.target, prior=prior, reward=reward)
     evaluator = instantiate(cfg.evaluation)
     return Components(base, reward, method, target, evaluator, prior, Budget(base, reward), device)

@@ -1,7 +1,7 @@
 """``gmm_exact``: the analytic base model of the toy problem.
 
-The data law is a Gaussian mixture, so every noised marginal ``p_t = sum_k w_k N(m mu_k, m^2 Sigma_k + v^2 I)``
-and its score are closed-form; ``eps(x, t) = -v(t) grad log p_t(x)``. Fine-tuning error is then measured
+The data law is a Gaussian mixture, so every noised marginal ``p_t = sum_k w_k N(alpha mu_k, alpha^2 Sigma_k + sigma^2 I)``
+and its score are closed-form; ``eps(x, t) = -sigma(t) grad log p_t(x)``. Fine-tuning error is then measured
 without any base-model error.
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 from iif.base_models.base import BaseModel
 from iif.gmm import GMM
-from iif.schedule import VPSchedule
+from iif.schedules.base import GaussianPath
 
 Tensor = torch.Tensor
 
@@ -20,14 +20,14 @@ class GMMExact(BaseModel):
 
     Args:
         prior: the data mixture ``p_data``.
-        schedule: the VP-SDE.
+        schedule: the Gaussian path.
     """
 
-    def __init__(self, prior: GMM, schedule: VPSchedule):
+    def __init__(self, prior: GMM, schedule: GaussianPath):
         super().__init__(schedule, (prior.dim,))
         self.prior = prior
 
-    def predict_eps(self, x: Tensor, t: Tensor) -> Tensor:
+    def predict(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         t64 = t.to(torch.float64)
-        m, v = self.schedule.m(t64), self.schedule.v(t64)
+        m, v = self.schedule.alpha(t64), self.schedule.sigma(t64)
         return (-v[:, None] * self.prior.to(x.device).noised_score(x, m, v)).to(x.dtype)

@@ -1,4 +1,4 @@
-"""``toy2d``: an MLP noise-prediction network on the VP-SDE, pretrained by the suite on prior samples.
+"""``toy2d``: an MLP noise-prediction network on a Gaussian path (the VP-SDE in the toy), pretrained by the suite on prior samples.
 
 Pretraining minimises the denoising loss ``E_{t, x_0 ~ p_data, eps} ||eps - eps_theta(m x_0 + v eps, t)||^2``
 (METHODS.md §1.1, epsilon weighting). The weights are cached under ``cache_dir`` keyed by a hash of everything
@@ -17,7 +17,7 @@ from tqdm.auto import trange
 from iif.base_models.base import BaseModel
 from iif.gmm import GMM
 from iif.nn import TimeMLP
-from iif.schedule import VPSchedule
+from iif.schedules.base import GaussianPath
 from iif.utils import atomic_torch_save, progress_enabled
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ class Toy2DScoreMLP(BaseModel):
 
     Args:
         prior: the data mixture to pretrain on.
-        schedule: the VP-SDE.
+        schedule: the Gaussian path (``base_model.schedule``).
         hidden, layers, t_dim: network size.
         train_steps, batch_size, lr: pretraining (Adam, cosine decay to 0).
         t_min: smallest training time.
@@ -37,7 +37,7 @@ class Toy2DScoreMLP(BaseModel):
         cache_dir: where pretrained weights are kept.
     """
 
-    def __init__(self, prior: GMM, schedule: VPSchedule, hidden: int = 256, layers: int = 4, t_dim: int = 32,
+    def __init__(self, prior: GMM, schedule: GaussianPath, hidden: int = 256, layers: int = 4, t_dim: int = 32,
                  train_steps: int = 6000, batch_size: int = 1024, lr: float = 2e-3, t_min: float = 1e-3,
                  seed: int = 0, cache_dir: str = "outputs/cache"):
         super().__init__(schedule, (prior.dim,))
@@ -54,7 +54,8 @@ class Toy2DScoreMLP(BaseModel):
     def cache_path(self) -> Path:
         key = json.dumps({
             "prior": [self.prior.weights.tolist(), self.prior.means.tolist(), self.prior.covs.tolist()],
-            "schedule": [self.schedule.beta_min, self.schedule.beta_max],
+            "schedule": ([self.schedule.beta_min, self.schedule.beta_max] if hasattr(self.schedule, "beta_min")
+                     else repr(self.schedule)),
             "net": [str(self.net)], "train": self.train_cfg, "version": 1,
         }, sort_keys=True)
         return self.cache_dir / f"toy2d-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt"
@@ -82,7 +83,7 @@ class Toy2DScoreMLP(BaseModel):
             # drawn on the CPU (the same weights on any device), trained where the network is
             x0, t, eps = x0.to(self.device), t.to(self.device), eps.to(self.device)
             t64 = t.double()
-            xt = self.schedule.m(t64).float()[:, None] * x0 + self.schedule.v(t64).float()[:, None] * eps
+            xt = self.schedule.alpha(t64).float()[:, None] * x0 + self.schedule.sigma(t64).float()[:, None] * eps
             loss = ((net(xt, t) - eps) ** 2).sum(-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -90,5 +91,5 @@ class Toy2DScoreMLP(BaseModel):
             sched.step()
         net.requires_grad_(False)
 
-    def predict_eps(self, x: Tensor, t: Tensor) -> Tensor:
+    def predict(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.net(x, t)

@@ -9,7 +9,7 @@ Tensor = torch.Tensor
 
 
 class FIFOBuffer:
-    """Fixed-capacity first-in-first-out buffer of samples ``x_0``; uniform minibatches.
+    """Fixed-capacity first-in-first-out buffer of samples ``x_0`` and their conditions; uniform minibatches.
 
     Args:
         capacity: ``B_max``, the most samples kept (the oldest are dropped first).
@@ -23,26 +23,35 @@ class FIFOBuffer:
             raise ValueError(f"buffer.prefill must lie in [0, capacity={capacity}], got {prefill}")
         self.capacity, self.prefill = int(capacity), int(prefill)
         self.data: Tensor | None = None
+        self.cond: Tensor | None = None
 
     def __len__(self) -> int:
         return 0 if self.data is None else self.data.shape[0]
 
-    def add(self, x: Tensor) -> None:
-        """Append ``x [n, *shape]`` and drop the oldest beyond ``capacity``."""
+    def add(self, x: Tensor, cond: Tensor | None = None) -> None:
+        """Append ``x [n, *shape]`` with their conditions ``cond [n, ...]`` (None: unconditional) and drop the oldest
+        beyond ``capacity``."""
+        if (cond is None) != (self.cond is None) and len(self) > 0:
+            raise RunError("the replay buffer holds samples with and without conditions; one run uses one or the other")
         x = x.detach().cpu()
         self.data = x.clone() if self.data is None else torch.cat([self.data, x])
+        if cond is not None:
+            cond = cond.detach().cpu()
+            self.cond = cond.clone() if self.cond is None else torch.cat([self.cond, cond])
         if len(self) > self.capacity:
             self.data = self.data[-self.capacity:].clone()
+            self.cond = None if self.cond is None else self.cond[-self.capacity:].clone()
 
-    def sample(self, batch_size: int) -> Tensor:
-        """Uniform minibatch ``[batch_size, *shape]`` (with replacement)."""
+    def sample(self, batch_size: int) -> tuple[Tensor, Tensor | None]:
+        """Uniform minibatch (with replacement): samples ``[batch_size, *shape]`` and their conditions (or None)."""
         if len(self) == 0:
             raise RunError("the replay buffer is empty: nothing was accepted and no prefill was configured "
                            "(set buffer.prefill > 0 or raise the acceptance rate)")
-        return self.data[torch.randint(len(self), (batch_size,), device=self.data.device)]
+        idx = torch.randint(len(self), (batch_size,), device=self.data.device)
+        return self.data[idx], (None if self.cond is None else self.cond[idx])
 
     def state_dict(self) -> dict:
-        return {"data": self.data}
+        return {"data": self.data, "cond": self.cond}
 
     def load_state_dict(self, state: dict) -> None:
-        self.data = state["data"]
+        self.data, self.cond = state["data"], state.get("cond")

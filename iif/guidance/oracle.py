@@ -6,7 +6,7 @@ import torch
 
 from iif.gmm import GMM
 from iif.guidance.base import Guidance
-from iif.schedule import VPSchedule
+from iif.schedules.base import GaussianPath
 
 Tensor = torch.Tensor
 
@@ -20,11 +20,11 @@ class ExactTiltGuidance(Guidance):
         schedule: the VP-SDE.
     """
 
-    def __init__(self, prior: GMM, tilted: GMM, schedule: VPSchedule):
+    def __init__(self, prior: GMM, tilted: GMM, schedule: GaussianPath):
         super().__init__()
         self.prior, self.tilted, self.schedule = prior, tilted, schedule
 
-    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
         t64 = t.to(torch.float64)
-        m, v = self.schedule.m(t64), self.schedule.v(t64)
+        m, v = self.schedule.alpha(t64), self.schedule.sigma(t64)
         return (self.tilted.noised_score(x, m, v) - self.prior.noised_score(x, m, v)).to(x.dtype)

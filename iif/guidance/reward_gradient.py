@@ -26,8 +26,8 @@ class RewardGradient(Guidance):
         super().__init__()
         self.reward, self.gamma = reward, float(gamma)
 
-    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
-        return self.gamma * self.reward.grad_log_tilt(x).to(x.dtype)
+    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
+        return self.gamma * self.reward.grad_log_tilt(x, cond).to(x.dtype)
 
 
 class ReconstructionGuidance(Guidance):
@@ -47,10 +47,10 @@ class ReconstructionGuidance(Guidance):
         self.reward, self.gamma = reward, float(gamma)
         self._base = [base]  # not a submodule: the base stays frozen and out of this module's state
 
-    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
         base = self._base[0]
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            x0 = base.x0_hat(xg, t, base.eps(xg, t))
-            (grad,) = torch.autograd.grad(self.reward.log_tilt(x0).sum(), xg)
+            x0 = base.x0_hat(xg, t, base.eps(xg, t, cond))
+            (grad,) = torch.autograd.grad(self.reward.log_tilt(x0, cond).sum(), xg)
         return self.gamma * grad.to(x.dtype)

@@ -20,9 +20,9 @@ class AdjointMatching(FineTuned):
     2. ``a_0 = -grad r(x_0)/lambda``                                               (terminal adjoint)
     3. for ``t = 1..N``: ``a_t = (d mu^0_t / d x)(x_t)^T a_{t-1}``: one vector-Jacobian product of the **base**
        mean per step (the lean adjoint; the graph of each VJP is freed at once);
-    4. at ``S`` steps per trajectory, drawn without replacement,
-       ``loss = mean || Delta_t / sigma_t + sigma_t a_t ||^2`` with ``Delta_t = beta_t / sqrt(alpha_t) h(x_t, t)``
-       (``sqrt(dt) u = Delta / sigma``); terms whose ``sqrt`` exceeds an EMA of the batch's ``clip_quantile``
+    4. at ``S`` steps per trajectory, drawn without replacement among the stochastic guided kernels,
+       ``loss = mean || Delta_t / c_t + c_t a_t ||^2`` with ``Delta_t = kernel.shift(h(x_t, t))``
+       (``sqrt(dt) u = Delta / c``); terms whose ``sqrt`` exceeds an EMA of the batch's ``clip_quantile``
        quantile are zeroed (AM's per-sample clipping; ``clip_quantile = 1`` disables it);
     5. clip, step.
 
@@ -36,10 +36,10 @@ class AdjointMatching(FineTuned):
         optimizer, iterations, lr_final_factor, grad_clip, ema_decay: see ``iif.methods.optim.Trainer``.
     """
 
-    requires = frozenset({"differentiable_reward", "differentiable_base"})
+    requires = frozenset({"differentiable_reward", "differentiable_base", "per_step_kernels"})
     data_parallel = True  # each process regresses its rows; the clipping quantile is the whole batch's
 
-    def __init__(self, base, reward, sampler, guidance, buffer=None, *, batch_size: int = 512, grad_steps: int = 10,
+    def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 512, grad_steps: int = 10,
                  loss_steps: int = 20, clip_quantile: float = 0.9, clip_ema: float = 0.9, optimizer=None,
                  iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
         if min(batch_size, grad_steps, loss_steps) < 1:
@@ -50,29 +50,34 @@ class AdjointMatching(FineTuned):
         if not 0 < clip_quantile <= 1 or not 0 <= clip_ema < 1:
             raise ValueError(f"method.clip_quantile must lie in (0, 1] and clip_ema in [0, 1), got {clip_quantile}, "
                              f"{clip_ema}")
-        super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
+        super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
                          ema_decay=ema_decay)
         world().check_divisible("method.batch_size", batch_size)
         self.batch_size, self.grad_steps, self.loss_steps = batch_size, grad_steps, loss_steps
         self.clip_quantile, self.clip_ema = clip_quantile, clip_ema
         self.clip_threshold: float | None = None
-        steps = sampler.steps(base)  # index i: the step x_{N-i} -> x_{N-i-1}
-        self._t = torch.tensor([s.t for s in steps], device=base.device)
-        self._beta = torch.tensor([s.beta for s in steps], device=base.device)
-        self._alpha = torch.tensor([s.alpha for s in steps], device=base.device)
+        kernels = sampler.kernels(base)  # index i: the step x_{N-i} -> x_{N-i-1}
+        self._t = torch.tensor([k.t for k in kernels], device=base.device)
+        self._shift_coef = torch.tensor([k.shift_coef for k in kernels], device=base.device)
+        self._std = torch.tensor([k.std for k in kernels], device=base.device)
+        # the steps the control acts on: stochastic guided kernels (e.g. not DDIM's deterministic last step)
+        self._controlled = torch.tensor([k.guided and k.std > 0 for k in kernels], device=base.device)
+        if loss_steps > int(self._controlled.sum()):
+            raise ValueError(f"method.loss_steps={loss_steps} exceeds the sampler's {int(self._controlled.sum())} "
+                             "stochastic guided steps")
 
     def lean_adjoint(self, traj: Trajectory) -> Tensor:
         """``[N, b, *shape]``: ``a`` at the states ``x_N, ..., x_1`` (index ``i`` is the state before step ``i``),
         from ``a_0 = -grad r(x_0)/lambda`` backwards through the deterministic part of the base chain."""
-        a = -self.reward.grad_log_tilt(traj.x0).to(traj.x0.dtype)
-        steps = self.sampler.steps(self.base)
+        a = -self.reward.grad_log_tilt(traj.x0, traj.cond).to(traj.x0.dtype)
+        kernels = self.sampler.kernels(self.base)
         out = torch.empty_like(traj.states[:-1])
-        for i in range(len(steps) - 1, -1, -1):
-            step = steps[i]
+        for i in range(len(kernels) - 1, -1, -1):
+            k = kernels[i]
             with torch.enable_grad():
                 x = traj.states[i].detach().requires_grad_(True)
-                mu0 = step.base_mean(x, self.base.eps(x, step.times(x.shape[0], x.dtype, x.device)))
+                mu0 = k.base_mean(x, self.base.eps(x, k.times(x.shape[0], x.dtype, x.device), traj.cond))
                 (a,) = torch.autograd.grad(mu0, x, a)
             out[i] = a
         return out
@@ -83,7 +88,8 @@ class AdjointMatching(FineTuned):
         for _ in range(self.grad_steps):
             # 1. detached trajectories of the current model (this process's rows)
             with self.trainer.sampling_weights():
-                traj = self.sampler.sample(self.base, self.guidance, self.batch_size, keep_states=True, rows=rows)
+                traj = self.sampler.sample(self.base, self.guidance, self.batch_size, keep_states=True,
+                                           cond=self.conditions_for(self.batch_size), rows=rows)
             # 2.-3. terminal reward gradient and the lean adjoint
             a = self.lean_adjoint(traj)
             # 4. regression at S steps per trajectory
@@ -106,17 +112,19 @@ class AdjointMatching(FineTuned):
         """
         n_steps, b = a.shape[:2]
         n_total = b if rows is None else self.batch_size
-        idx = torch.rand(n_total, n_steps, device=a.device).argsort(dim=1)[:, : self.loss_steps]  # [n_total, S]
+        # S of the controlled steps per row, without replacement (uncontrolled steps sort last)
+        keys = torch.rand(n_total, n_steps, device=a.device) + (~self._controlled).float()
+        idx = keys.argsort(dim=1)[:, : self.loss_steps]  # [n_total, S]
         idx = idx if rows is None else idx[rows]  # [b, S]
         cols = torch.arange(b, device=a.device)[:, None].expand_as(idx)
         x, x0_hat, adj = traj.states[idx, cols], traj.x0_hats[idx, cols], a[idx, cols]  # [b, S, *shape]
         flat = lambda y: y.reshape(b * self.loss_steps, *y.shape[2:])  # noqa: E731
         i = idx.reshape(-1)
-        beta, alpha = self._beta[i], self._alpha[i]
         shape = (-1,) + (1,) * (x.dim() - 2)
-        h = self.guidance(flat(x), self._t[i], flat(x0_hat))
-        delta = (beta / alpha.sqrt()).view(shape) * h
-        sigma = beta.sqrt().view(shape)
+        cond = None if traj.cond is None else traj.cond.repeat_interleave(self.loss_steps, dim=0)
+        h = self.guidance(flat(x), self._t[i], flat(x0_hat), cond)
+        delta = self._shift_coef[i].view(shape) * h
+        sigma = self._std[i].view(shape)
         terms = ((delta / sigma + sigma * flat(adj)) ** 2).flatten(1).sum(1)  # [b*S]
         if self.clip_quantile >= 1:
             return terms.mean(), 1.0

@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 
 from iif.base_models.base import BaseModel
+from iif.conditions.base import ConditionSource, Unconditional
 from iif.distributed import world
 from iif.guidance.base import Guidance
 from iif.methods.optim import Trainer
@@ -21,6 +22,8 @@ class Method(abc.ABC):
 
     Every method is built with the same shared components; the training loop (``iif.train``) calls
     :meth:`setup` once on a fresh run, :meth:`fit_step` once per iteration, and :meth:`sample` to evaluate.
+    ``conditions`` draws the condition of every trajectory the method samples (class, prompt, measurement; the
+    default: unconditional).
 
     Attributes:
         requires: capabilities the method needs from the other components (checked at start-up).
@@ -32,10 +35,12 @@ class Method(abc.ABC):
     uses_guidance: ClassVar[bool] = True
     data_parallel: ClassVar[bool] = False
 
-    def __init__(self, base: BaseModel, reward: Reward, sampler, guidance: Guidance | None = None, buffer=None):
+    def __init__(self, base: BaseModel, reward: Reward, sampler, guidance: Guidance | None = None, buffer=None,
+                 conditions: ConditionSource | None = None):
         self.base, self.reward, self.sampler = base, reward, sampler
         self.guidance = guidance if self.uses_guidance else None
         self.buffer = buffer
+        self.conditions = conditions or Unconditional()
 
     def setup(self) -> None:
         """Work done once at the start of a fresh (not resumed) run, e.g. pre-filling a buffer."""
@@ -44,9 +49,15 @@ class Method(abc.ABC):
     def fit_step(self, iteration: int) -> dict[str, float]:
         """One outer iteration; returns scalars to log."""
 
-    def sample(self, n: int) -> Trajectory:
-        """``n`` samples of the current model with their path statistics."""
-        return self.sampler.sample(self.base, self.guidance, n)
+    def sample(self, n: int, cond: Tensor | None = None) -> Trajectory:
+        """``n`` samples of the current model with their path statistics; ``cond [n, ...]`` (default: drawn from
+        :attr:`conditions`)."""
+        return self.sampler.sample(self.base, self.guidance, n, cond=self.conditions_for(n, cond))
+
+    def conditions_for(self, n: int, cond: Tensor | None = None) -> Tensor | None:
+        """``cond`` on the base's device, or ``n`` conditions drawn from :attr:`conditions`."""
+        cond = self.conditions.sample(n) if cond is None else cond
+        return None if cond is None else cond.to(self.base.device)
 
     def state_dict(self) -> dict:
         return {}
@@ -65,22 +76,23 @@ class FineTuned(Method):
             (the cosine learning-rate decay spans them); lr_final_factor, grad_clip, ema_decay: see ``Trainer``.
     """
 
-    def __init__(self, base, reward, sampler, guidance, buffer=None, *, optimizer=None, total_steps: int = 1,
-                 lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
-        super().__init__(base, reward, sampler, guidance, buffer)
+    def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, optimizer=None,
+                 total_steps: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
+        super().__init__(base, reward, sampler, guidance, buffer, conditions)
         self.trainer = Trainer(self.guidance, optimizer, total_steps=total_steps, lr_final_factor=lr_final_factor,
                                grad_clip=grad_clip, ema_decay=ema_decay)
 
-    def sample(self, n: int) -> Trajectory:
+    def sample(self, n: int, cond: Tensor | None = None) -> Trajectory:
         """``n`` samples of the current ``h`` (EMA weights if enabled); in a run of several processes each runs its
         share of the rows and every process gets all ``n``."""
         ranks = world()
+        cond = self.conditions_for(n, cond)
         with self.trainer.sampling_weights():
             if ranks.size == 1:
-                return super().sample(n)
-            traj = self.sampler.sample(self.base, self.guidance, n, rows=ranks.shard(n))
+                return super().sample(n, cond)
+            traj = self.sampler.sample(self.base, self.guidance, n, cond=cond, rows=ranks.shard(n))
         return Trajectory(x0=ranks.gather(traj.x0, n), log_rnd=ranks.gather(traj.log_rnd, n),
-                          control_cost=ranks.gather(traj.control_cost, n), nfe=traj.nfe)
+                          control_cost=ranks.gather(traj.control_cost, n), cond=cond, nfe=traj.nfe)
 
     def state_dict(self) -> dict:
         return {"trainer": self.trainer.state_dict()}

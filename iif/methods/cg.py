@@ -15,9 +15,9 @@ class ClassifierGuidance(BaseOnly):
 
     requires = frozenset({"differentiable_reward"})
 
-    def __init__(self, base, reward, sampler, guidance=None, buffer=None, *, guide):
-        super().__init__(base, reward, sampler, guidance, buffer)
+    def __init__(self, base, reward, sampler, guidance=None, buffer=None, conditions=None, *, guide):
+        super().__init__(base, reward, sampler, guidance, buffer, conditions)
         self.guide = guide(reward=reward, base=base)
 
-    def sample(self, n: int):
-        return self.sampler.sample(self.base, self.guide, n)
+    def sample(self, n: int, cond=None):
+        return self.sampler.sample(self.base, self.guide, n, cond=self.conditions_for(n, cond))

@@ -55,7 +55,7 @@ class DPOK(FineTuned):
 
     requires = frozenset({"per_step_kernels"})
 
-    def __init__(self, base, reward, sampler, guidance, buffer=None, *, n_samples: int = 256,
+    def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, n_samples: int = 256,
                  transitions: int = 25600, grad_steps: int = 20, batch_size: int = 2048, reward_weight: float = 1.0,
                  kl_weight: float = 1.0, ratio_clip: float = 1e-4, value_steps: int = 20,
                  value_batch_size: int = 2048, value_optimizer=None, value_hidden: int = 128, optimizer=None,
@@ -67,17 +67,23 @@ class DPOK(FineTuned):
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
         if ratio_clip <= 0 or kl_weight < 0:
             raise ValueError(f"method.ratio_clip must be > 0 and method.kl_weight >= 0, got {ratio_clip}, {kl_weight}")
-        super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
+        super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip)
         self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
         self.reward_weight, self.kl_weight, self.ratio_clip = reward_weight, kl_weight, ratio_clip
         self.value_steps, self.value_batch_size = value_steps, value_batch_size
-        self.dim = math.prod(base.sample_shape)
+        self.shape = tuple(base.sample_shape)
+        self.dim = math.prod(self.shape)
         self.value = TimeMLP(self.dim, 1, hidden=value_hidden, layers=3)
         self.value_trainer = Trainer(self.value, value_optimizer)
         self.transitions = FIFOBuffer(capacity=transitions, prefill=0)
-        sched = base.schedule.discretise(sampler.n_steps)
-        self._t, self._beta, self._alpha = (c.float().to(base.device) for c in (sched.t, sched.beta, sched.alpha))
+        # per-step kernel coefficients indexed by k = N..1 (index 0 unused): time, variance, shift coefficient
+        kernels = sampler.kernels(base)[::-1]
+        if not all(k.guided and k.std > 0 for k in kernels):
+            raise ValueError("method 'dpok' needs a sampler whose every step is a guided Gaussian kernel "
+                             "(sampler=ddpm with last_step=noise)")
+        self._t, self._var, self._coef = (torch.tensor([0.0] + [getattr(k, a) for k in kernels], dtype=torch.float64)
+                                          .float().to(base.device) for a in ("t", "var", "shift_coef"))
 
     # ------------------------------------------------------------------ transitions, packed as rows
     def _pack(self, traj, log_r: Tensor) -> Tensor:
@@ -85,9 +91,9 @@ class DPOK(FineTuned):
         n_steps, n = traj.noises.shape[:2]
         flat = lambda a: a.reshape(n_steps * n, self.dim)  # noqa: E731
         k = torch.arange(n_steps, 0, -1, dtype=torch.float32, device=traj.x0.device).repeat_interleave(n)
-        x_prev = traj.states[1:]
-        sigma = self._beta[k.long()].sqrt()
-        old_mean = x_prev - sigma.view(n_steps, n, 1) * traj.noises  # mu^0_t + Delta_t of the sampling policy
+        x_prev = traj.states[1:].reshape(n_steps, n, self.dim)
+        sigma = self._var[k.long()].sqrt()
+        old_mean = x_prev - sigma.view(n_steps, n, 1) * traj.noises.reshape(n_steps, n, self.dim)  # mu^0 + Delta
         log_p_old = gaussian_log_prob(flat(x_prev), flat(old_mean), sigma)
         return torch.cat([flat(traj.states[:-1]), flat(traj.x0_hats), flat(traj.base_means), flat(x_prev),
                           k[:, None], log_p_old[:, None], log_r.float().repeat(n_steps)[:, None]], dim=1)
@@ -101,27 +107,33 @@ class DPOK(FineTuned):
     # ------------------------------------------------------------------ algorithm
     def fit_step(self, iteration: int) -> dict[str, float]:
         # 1. on-policy rollouts, transitions into the FIFO
-        traj = self.sampler.sample(self.base, self.guidance, self.n_samples, keep_states=True)
-        log_r = self.reward.log_tilt(traj.x0)
-        self.transitions.add(self._pack(traj, log_r))
+        traj = self.sampler.sample(self.base, self.guidance, self.n_samples, cond=self.conditions_for(self.n_samples),
+                                   keep_states=True)
+        log_r = self.reward.log_tilt(traj.x0, traj.cond)
+        n_steps = traj.noises.shape[0]
+        cond = None if traj.cond is None else traj.cond.repeat(n_steps, *([1] * (traj.cond.dim() - 1)))
+        self.transitions.add(self._pack(traj, log_r), cond)
         # 2. value network: V(x_t, t) ~ r(x_0)
         v_losses = []
         for _ in range(self.value_steps):
-            x, _, _, _, k, _, r = self._unpack(self.transitions.sample(self.value_batch_size))
+            x, _, _, _, k, _, r = self._unpack(self.transitions.sample(self.value_batch_size)[0])
             loss = ((self.value(x, self._t[k]).squeeze(-1) - r) ** 2).mean()
             v_losses.append(loss.item())
             self.value_trainer.minimise(loss)
         # 3. policy steps on single transitions
         losses, kls = [], []
         for _ in range(self.grad_steps):
-            x, x0_hat, mu0, x_prev, k, log_p_old, r = self._unpack(self.transitions.sample(self.batch_size))
-            t, beta, alpha = self._t[k], self._beta[k], self._alpha[k]
+            rows, cond = self.transitions.sample(self.batch_size)
+            x, x0_hat, mu0, x_prev, k, log_p_old, r = self._unpack(rows)
+            cond = None if cond is None else cond.to(x.device)
+            t, var, coef = self._t[k], self._var[k], self._coef[k]
             with torch.no_grad():
                 adv = r - self.value(x, t).squeeze(-1)
-            delta = (beta / alpha.sqrt())[:, None] * self.guidance(x, t, x0_hat)
-            log_p = gaussian_log_prob(x_prev, mu0 + delta, beta.sqrt())
+            h = self.guidance(x.view(-1, *self.shape), t, x0_hat.view(-1, *self.shape), cond).flatten(1)
+            delta = coef[:, None] * h
+            log_p = gaussian_log_prob(x_prev, mu0 + delta, var.sqrt())
             ratio = torch.clamp(torch.exp(log_p - log_p_old), 1 - self.ratio_clip, 1 + self.ratio_clip)
-            kl = (delta ** 2).sum(1) / (2 * beta * self.dim)
+            kl = (delta ** 2).sum(1) / (2 * var * self.dim)
             loss = -self.reward_weight * (adv * ratio).mean() + self.kl_weight * kl.mean()
             self.trainer.minimise(loss)
             losses.append(loss.item())

@@ -41,10 +41,14 @@ class IIF(FineTuned):
     2. importance weights ``log w = r(x_0)/lambda + log RND``            ([IIF 11–13]; reward-only: ``r/lambda``);
     3. relaxed rejection ``alpha = min(1, w/c)`` with ``c`` solving ``mean alpha = rho_k`` exactly  ([IIF 14]);
     4. push the accepted ``x_0`` into the FIFO buffer;
-    5. ``M`` Adam steps on ``L_FT(h) = E ||v(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``            ([IIF 15])
-       ``+ gamma_KL * E[ beta(t) / (2 p(t)) ||h(x_t,t)||^2 ]``: the single-time estimate of the path KL
-       ``int beta/2 ||h||^2 dt`` with ``t ~ p`` (KL regulariser, [IIF 17], METHODS.md §4.3),
-       ``x_0 ~ buffer``, ``t ~ time_sampler``, ``x_t = m(t) x_0 + v(t) eps``.
+    5. ``M`` Adam steps on ``L_FT(h) = E ||sigma(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``          ([IIF 15])
+       ``+ gamma_KL * E[ g(t)^2 / (2 p(t)) ||h(x_t,t)||^2 ]``: the single-time estimate of the path KL
+       ``int g^2/2 ||h||^2 dt`` with ``t ~ p`` (KL regulariser, [IIF 17], METHODS.md §4.3),
+       ``(x_0, cond) ~ buffer``, ``t ~ time_sampler``, ``x_t = alpha(t) x_0 + sigma(t) eps``.
+
+    Departures from the paper: NN2 of the reward-informed guidance starts at 0 like NN1, so the first iteration
+    samples the base exactly (the paper starts NN2 at a constant on MNIST and at a ramp ``a (1 - t)`` on Flowers,
+    docs/methods.md §4.4); ``kl_weight`` defaults to 0 (the paper's value is lost, §4.3).
 
     Args:
         n_samples: ``N`` trajectories per iteration.
@@ -59,16 +63,17 @@ class IIF(FineTuned):
         ema_decay: if > 0, sample with an exponential moving average of the guidance weights.
     """
 
+    requires = frozenset({"per_step_kernels"})  # the path RND (reward_only too: it shares the sampler path)
     data_parallel = True
 
-    def __init__(self, base, reward, sampler, guidance, buffer, *, n_samples: int = 2048,
+    def __init__(self, base, reward, sampler, guidance, buffer, conditions=None, *, n_samples: int = 2048,
                  acceptance: PiecewiseConstant | float = 0.3, grad_steps: int = 100, batch_size: int = 512,
                  optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, kl_weight: float = 0.0,
                  use_rnd: bool = True, time_sampler=None, ema_decay: float = 0.0):
         for name, val in dict(n_samples=n_samples, grad_steps=grad_steps, batch_size=batch_size).items():
             if val < 1:
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
-        super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
+        super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, ema_decay=ema_decay)
         if kl_weight < 0:
             raise ValueError(f"method.kl_weight must be >= 0, got {kl_weight}")
@@ -85,28 +90,32 @@ class IIF(FineTuned):
     def setup(self) -> None:
         if self.buffer.prefill > 0:  # toy: the buffer starts with samples of the pretrained model [V-paper]
             n, ranks = self.buffer.prefill, world()
-            self.buffer.add(ranks.gather(self.sampler.sample(self.base, None, n, rows=ranks.shard(n)).x0, n))
+            cond = self.conditions_for(n)
+            traj = self.sampler.sample(self.base, None, n, cond=cond, rows=ranks.shard(n))
+            self.buffer.add(ranks.gather(traj.x0, n), cond)
 
     def fit_step(self, iteration: int) -> dict[str, float]:
         rho, ranks, n = self.acceptance(iteration), world(), self.n_samples
         # 1. on-policy trajectories with the on-the-fly log-RND (no gradients): this process's rows of the N
+        cond = self.conditions_for(n)
         with self.trainer.sampling_weights():
-            traj = self.sampler.sample(self.base, self.guidance, n, accumulate_rnd=self.use_rnd, rows=ranks.shard(n))
+            traj = self.sampler.sample(self.base, self.guidance, n, cond=cond, accumulate_rnd=self.use_rnd,
+                                       rows=ranks.shard(n))
         # 2. importance weights, of all N trajectories (gathered from every process)
         x0 = ranks.gather(traj.x0, n)
-        log_r = ranks.gather(self.reward.log_tilt(traj.x0), n)
+        log_r = ranks.gather(self.reward.log_tilt(traj.x0, traj.cond), n)
         log_rnd = ranks.gather(traj.log_rnd, n)
         log_w = log_r + log_rnd if self.use_rnd else log_r.to(torch.float64)
         # 3. relaxed rejection with the adaptive constant (the same draws in every process)
         log_c = solve_log_c(log_w, rho)
         keep = relaxed_rejection(log_w, log_c)
-        # 4. replay buffer
-        self.buffer.add(x0[keep])
+        # 4. replay buffer (samples with their conditions)
+        self.buffer.add(x0[keep], None if cond is None else cond[keep])
         # 5. supervised h-transform update: every process draws the whole minibatch and takes its rows; the
         #    trainer averages the gradients over the processes
         losses = []
         for _ in range(self.grad_steps):
-            loss = self.loss(self.buffer.sample(self.batch_size), rows=ranks.shard(self.batch_size))
+            loss = self.loss(*self.buffer.sample(self.batch_size), rows=ranks.shard(self.batch_size))
             self.trainer.minimise(loss)
             losses.append(loss.item())
         loss_mean = ranks.mean({"loss": sum(losses) / len(losses)})["loss"]
@@ -120,8 +129,9 @@ class IIF(FineTuned):
             "lr": self.trainer.lr,
         }
 
-    def loss(self, x0: Tensor, rows: slice = slice(None)) -> Tensor:
-        """``L_FT`` (+ ``gamma_KL R_KL``) on a buffer minibatch ``x0 [b, D]``; differentiates ``h`` only.
+    def loss(self, x0: Tensor, cond: Tensor | None = None, rows: slice = slice(None)) -> Tensor:
+        """``L_FT`` (+ ``gamma_KL R_KL``) on a buffer minibatch ``x0 [b, *shape]`` with its conditions ``cond [b, ...]``
+        (or None); differentiates ``h`` only.
 
         ``rows``: the loss of only these rows (one process's share); the times and noises of all ``b`` rows are
         drawn, so the rows are those of the whole minibatch.
@@ -131,19 +141,21 @@ class IIF(FineTuned):
         t = self.time_sampler(x0.shape[0], sched).to(device)
         eps = torch.randn_like(x0)
         x0, t, eps = x0[rows], t[rows], eps[rows]
+        cond = None if cond is None else cond.to(device)[rows]
         t64 = t.to(torch.float64)
-        m, v = sched.m(t64).float()[:, None], sched.v(t64).float()[:, None]
-        xt = m * x0 + v * eps
+        shape = (-1,) + (1,) * (x0.dim() - 1)
+        a, s = sched.alpha(t64).float().view(shape), sched.sigma(t64).float().view(shape)
+        xt = a * x0 + s * eps
         with torch.no_grad():
-            e_base = self.base.eps(xt, t)
+            e_base = self.base.eps(xt, t, cond)
             x0_hat = self.base.x0_hat(xt, t, e_base)
-        h = self.guidance(xt, t, x0_hat)
-        # v (s_theta + h) + eps  with  v s_theta = -eps_theta
-        sm = ((eps - e_base + v * h) ** 2).sum(-1).mean()
+        h = self.guidance(xt, t, x0_hat, cond)
+        # sigma (s_theta + h) + eps  with  sigma s_theta = -eps_theta
+        sm = ((eps - e_base + s * h) ** 2).flatten(1).sum(-1).mean()
         if self.kl_weight == 0:
             return sm
-        weight = 0.5 * sched.beta(t64) / self.time_sampler.density(t64, sched)
-        kl = (weight.float() * (h ** 2).sum(-1)).mean()
+        weight = 0.5 * sched.diffusion_sq(t64) / self.time_sampler.density(t64, sched)
+        kl = (weight.float() * (h ** 2).flatten(1).sum(-1)).mean()
         return sm + self.kl_weight * kl
 
     # ------------------------------------------------------------------ checkpointing

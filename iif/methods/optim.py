@@ -13,10 +13,14 @@ Tensor = torch.Tensor
 
 
 class Trainer:
-    """Optimisation state of one trainable module (the guidance ``h``, or DPOK's value network).
+    """Optimisation state of the trainable parameters of one module (the guidance ``h``, a LoRA adapter of a frozen
+    network, or DPOK's value network).
+
+    Only parameters with ``requires_grad`` are optimised, averaged across processes, EMA-tracked and checkpointed:
+    an adapter on a large frozen network costs the adapter's size, not the network's.
 
     Args:
-        module: the trained module.
+        module: the trained module (its parameters with ``requires_grad``).
         optimizer: a partially-applied ``torch.optim`` class (Hydra ``_partial_``; default Adam).
         total_steps, lr_final_factor: the learning rate decays by a cosine over ``total_steps`` optimiser steps to
             ``lr_final_factor`` times its initial value (1: constant).
@@ -34,11 +38,14 @@ class Trainer:
         if grad_clip < 0:
             raise ValueError(f"method.grad_clip must be >= 0, got {grad_clip}")
         self.module, self.grad_clip, self.ema_decay = module, grad_clip, ema_decay
-        self.optimizer = (optimizer or torch.optim.Adam)(module.parameters())
+        self.params = {name: p for name, p in module.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise ValueError(f"{type(module).__name__} has no trainable parameters")
+        self.optimizer = (optimizer or torch.optim.Adam)(list(self.params.values()))
         lr0 = self.optimizer.param_groups[0]["lr"]
         self.lr_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(
             self.optimizer, T_max=total_steps, eta_min=lr0 * lr_final_factor)
-        self.ema = {k: v.detach().clone() for k, v in module.state_dict().items()} if ema_decay > 0 else None
+        self.ema = {k: v.detach().clone() for k, v in self.params.items()} if ema_decay > 0 else None
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -46,14 +53,14 @@ class Trainer:
     def step(self) -> float:
         """Average the gradients over the processes of the run (``iif.distributed``; nothing in one process), clip,
         step, decay the learning rate, update the EMA; returns the gradient norm before clipping."""
-        params = [p for p in self.module.parameters() if p.grad is not None]
+        params = [p for p in self.params.values() if p.grad is not None]
         world().mean_([p.grad for p in params])
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.lr_schedule.step()
         if self.ema is not None:
             with torch.no_grad():
-                for k, v in self.module.state_dict().items():
+                for k, v in self.params.items():
                     self.ema[k].lerp_(v, 1 - self.ema_decay)
         return float(norm)
 
@@ -73,20 +80,33 @@ class Trainer:
         if self.ema is None:
             yield
             return
-        saved = {k: v.clone() for k, v in self.module.state_dict().items()}
-        self.module.load_state_dict(self.ema)
+        saved = self.weights()
+        self._assign(self.ema)
         try:
             yield
         finally:
-            self.module.load_state_dict(saved)
+            self._assign(saved)
+
+    def weights(self) -> dict[str, Tensor]:
+        """Copies of the trainable parameters, by name."""
+        return {k: v.detach().clone() for k, v in self.params.items()}
+
+    @torch.no_grad()
+    def _assign(self, values: dict[str, Tensor]) -> None:
+        missing = self.params.keys() - values.keys()
+        if missing:
+            raise KeyError(f"checkpoint lacks trainable parameters {sorted(missing)[:3]}")
+        for k, p in self.params.items():
+            p.copy_(values[k])
 
     def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+        """The trainable parameters (``module``), optimiser, learning-rate schedule and EMA."""
+        return {"module": self.weights(), "optimizer": self.optimizer.state_dict(),
                 "lr_schedule": self.lr_schedule.state_dict(), "ema": self.ema}
 
     def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
+        self._assign(state["module"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        current = self.module.state_dict()  # the EMA lives where the module does (a checkpoint is read to the CPU)
-        self.ema = None if state["ema"] is None else {k: v.to(current[k].device) for k, v in state["ema"].items()}
+        # the EMA lives where the parameters do (a checkpoint is read to the CPU)
+        self.ema = None if state["ema"] is None else {k: state["ema"][k].to(p.device) for k, p in self.params.items()}

@@ -15,9 +15,9 @@ class Pathwise(FineTuned):
     1. draw ``b`` trajectories ``x_N -> x_0`` of ``P^h`` with the graph kept through every step, the guidance,
        the base network (frozen weights, differentiated in ``x``) and the reward-informed features;
     2. ``loss = mean_i [ KL_i - r(x_0^i)/lambda ]`` with the path-KL integrand ``KL_i`` either
-       ``control_cost = sum_t ||Delta_t||^2/(2 sigma_t^2)``, ``Delta_t = beta_t / sqrt(alpha_t) h(x_t, t)`` (its
+       ``control_cost = sum_t ||Delta_t||^2/(2 c_t^2)``, ``Delta_t = kernel.shift(h(x_t, t))`` (its
        expectation over ``z``), or, with ``stl``, the path's ``log dP^h/dP^0`` with the sticking-the-landing graph
-       (``DDPMSampler.rsample``; Roeder et al. 2017): both unbiased; the STL gradient vanishes path by path at
+       (``Sampler.rsample``; Roeder et al. 2017): both unbiased; the STL gradient vanishes path by path at
        the optimum;
     3. backpropagate through the whole chain (memory ``O(b * N)``: it grows linearly with the number of steps),
        clip, step.
@@ -31,16 +31,16 @@ class Pathwise(FineTuned):
         stl: use the sticking-the-landing estimator (one more guidance evaluation per step).
     """
 
-    requires = frozenset({"differentiable_reward", "differentiable_base"})
+    requires = frozenset({"differentiable_reward", "differentiable_base", "per_step_kernels"})
     data_parallel = True  # each process backpropagates through its rows; the trainer averages the gradients
 
-    def __init__(self, base, reward, sampler, guidance, buffer=None, *, batch_size: int = 256, grad_steps: int = 10,
+    def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 256, grad_steps: int = 10,
                  optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0,
                  ema_decay: float = 0.0, stl: bool = True):
         for name, val in dict(batch_size=batch_size, grad_steps=grad_steps).items():
             if val < 1:
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
-        super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
+        super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
                          ema_decay=ema_decay)
         world().check_divisible("method.batch_size", batch_size)
@@ -51,9 +51,9 @@ class Pathwise(FineTuned):
         for _ in range(self.grad_steps):
             # 1. differentiable trajectories of P^h
             traj = self.sampler.rsample(self.base, self.guidance, self.batch_size, stl=self.stl,
-                                        rows=world().shard(self.batch_size))
+                                        cond=self.conditions_for(self.batch_size), rows=world().shard(self.batch_size))
             # 2. the stochastic-control loss (reward gradients counted by the reward)
-            log_r = self.reward.log_tilt_autograd(traj.x0)
+            log_r = self.reward.log_tilt_autograd(traj.x0, traj.cond)
             cost = traj.control_cost.to(log_r.dtype)
             path_kl = traj.stl_log_ratio.to(log_r.dtype) if self.stl else cost
             loss = (path_kl - log_r).mean()

@@ -16,10 +16,10 @@ class VarGrad(FineTuned):
 
     Per trajectory ``i`` (sampled from the current model, then detached) [IIF 59], discrete DDPM form:
 
-        ``ell_i = -r(x_0^i)/lambda + sum_t [ <Delta_t, sg(Delta_t)>/sigma_t^2 - ||Delta_t||^2/(2 sigma_t^2)
-                                               + <Delta_t, z_t>/sigma_t ]``
+        ``ell_i = -r(x_0^i)/lambda + sum_t [ <Delta_t, sg(Delta_t)>/c_t^2 - ||Delta_t||^2/(2 c_t^2)
+                                               + <Delta_t, z_t>/c_t ]``
 
-    with ``Delta_t = beta_t / sqrt(alpha_t) h_phi(x_t, t)`` differentiated and ``x_t``, ``z_t``, ``sg(Delta_t)``,
+    over the sampler's stochastic guided kernels, with ``Delta_t = kernel.shift(h_phi(x_t, t))`` differentiated and ``x_t``, ``z_t``, ``sg(Delta_t)``,
     ``r`` detached. ``L = unbiased sample variance of {ell_i}``. Its gradient at ``v = h`` is twice the gradient of
     ``KL(P^h || P^tilt)`` (population variance), and needs the reward's value only.
 
@@ -47,7 +47,7 @@ class VarGrad(FineTuned):
     requires = frozenset({"per_step_kernels"})
     data_parallel = True  # each process accumulates the gradient of its rows' terms (with the batch's mean ell)
 
-    def __init__(self, base, reward, sampler, guidance, buffer=None, *, batch_size: int = 512, grad_steps: int = 10,
+    def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 512, grad_steps: int = 10,
                  grad_fraction: float = 1.0, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
                  grad_clip: float = 0.0):
         if batch_size < 2 or grad_steps < 1:
@@ -55,7 +55,7 @@ class VarGrad(FineTuned):
                              f"{grad_steps}")
         if not 0 < grad_fraction <= 1:
             raise ValueError(f"method.grad_fraction must lie in (0, 1], got {grad_fraction}")
-        super().__init__(base, reward, sampler, guidance, buffer, optimizer=optimizer,
+        super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip)
         world().check_divisible("method.batch_size", batch_size)
         self.batch_size, self.grad_steps, self.grad_fraction = batch_size, grad_steps, grad_fraction
@@ -65,9 +65,10 @@ class VarGrad(FineTuned):
         ranks, b = world(), self.batch_size
         for _ in range(self.grad_steps):
             # 1. detached on-policy trajectories (this process's rows of the b)
-            traj = self.sampler.sample(self.base, self.guidance, b, keep_states=True, rows=ranks.shard(b))
+            traj = self.sampler.sample(self.base, self.guidance, b, cond=self.conditions_for(b), keep_states=True,
+                                       rows=ranks.shard(b))
             # 2. ell at v = h, of every process's rows (the variance is the whole batch's)
-            log_r = self.reward.log_tilt(traj.x0).to(torch.float64)
+            log_r = self.reward.log_tilt(traj.x0, traj.cond).to(torch.float64)
             ell = -traj.log_rnd - log_r
             ell_all = ranks.gather(ell, b)
             # 3. gradient of the sample variance, one step at a time; each process holds the terms of its rows,
@@ -98,13 +99,14 @@ class VarGrad(FineTuned):
         ell_mean = ell.mean() if ell_mean is None else ell_mean
         n_total = b if n_total is None else n_total
         coef = (scale * 2 * (ell - ell_mean) / (n_total - 1)).float()
-        steps = self.sampler.steps(self.base)
-        for i, step in enumerate(steps):
+        for i, k in enumerate(self.sampler.kernels(self.base)):
             if self.grad_fraction < 1 and torch.rand(()) >= self.grad_fraction:
                 continue
+            if not (k.guided and k.std > 0):  # h does not enter this step's kernel
+                continue
             x, x_next, z = traj.states[i], traj.states[i + 1], traj.noises[i]
-            delta_sg = x_next - traj.base_means[i] - step.sigma * z  # the shift the trajectory was drawn with
-            delta = step.shift(self.guidance(x, step.times(b, x.dtype, x.device), traj.x0_hats[i]))
-            f = (((delta * delta_sg).flatten(1).sum(1) - 0.5 * (delta ** 2).flatten(1).sum(1)) / step.beta
-                 + (delta * z).flatten(1).sum(1) / step.sigma)
+            delta_sg = x_next - traj.base_means[i] - k.std * z  # the shift the trajectory was drawn with
+            delta = k.shift(self.guidance(x, k.times(b, x.dtype, x.device), traj.x0_hats[i], traj.cond))
+            f = (((delta * delta_sg).flatten(1).sum(1) - 0.5 * (delta ** 2).flatten(1).sum(1)) / k.var
+                 + (delta * z).flatten(1).sum(1) / k.std)
             (coef * f).sum().backward()

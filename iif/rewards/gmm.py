@@ -23,10 +23,10 @@ class GMMReward(Reward):
         super().__init__(temperature=temperature, name=name)
         self.gmm = GMM.isotropic(means, weights, var=var)
 
-    def evaluate(self, x: Tensor) -> Tensor:
+    def evaluate(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.gmm.to(x.device).log_prob(x).to(x.dtype)
 
-    def _grad(self, x: Tensor) -> Tensor:
+    def _grad(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Closed form ``grad log q(x)`` (the score of the mixture)."""
         return self.gmm.to(x.device).score(x).to(x.dtype)
 

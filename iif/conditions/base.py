@@ -1,0 +1,26 @@
+"""Where the conditions of the samples come from (config group ``conditions``): a class label, a prompt, a
+measurement. A condition is a tensor ``[B, ...]`` with one row per sample, so it is sharded, gathered, stored in the
+replay buffer and checkpointed like the samples themselves; the base model, the guidance and the reward interpret it.
+"""
+from __future__ import annotations
+
+import abc
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class ConditionSource(abc.ABC):
+    """Draws the conditions of ``n`` samples from the global torch RNG (the run's shared random stream)."""
+
+    @abc.abstractmethod
+    def sample(self, n: int) -> Tensor | None:
+        """``[n, ...]`` conditions, or None for unconditional sampling."""
+
+
+class Unconditional(ConditionSource):
+    """``none``: no condition (the toy problems)."""
+
+    def sample(self, n: int) -> None:
+        return None
