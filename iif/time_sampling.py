@@ -34,10 +34,32 @@ class UniformTime:
 
 
 class BetaTime(UniformTime):
-    """``t`` on ``[t_min, 1]`` with density ``∝ beta(t) = b0 + t (b1 - b0)`` (inverse CDF of a quadratic)."""
+    """``t`` on ``[t_min, 1]`` with density ``∝ g(t)^2``, the path-KL weight (``beta(t)`` on the VP-SDE).
 
-    def __call__(self, n: int, schedule: VPSchedule) -> Tensor:
-        self._check(schedule)
+    On the continuous VP-SDE ``g^2 = beta(t) = b0 + t (b1 - b0)`` and the inverse CDF is that of a quadratic (closed
+    form). On any other path (a discrete schedule, rectified flow) the CDF is tabulated on ``grid`` cells of
+    ``[t_min, 1]`` with ``g^2`` at the cell midpoints, and ``t`` is drawn uniformly within the chosen cell: the
+    density is then piecewise constant and :meth:`density` returns exactly it.
+
+    Args:
+        t_min: the smallest time.
+        grid: cells of the tabulated CDF (paths other than the VP-SDE).
+    """
+
+    def __init__(self, t_min: float = 1e-3, grid: int = 4096):
+        super().__init__(t_min)
+        if grid < 2:
+            raise ValueError(f"BetaTime grid must be >= 2, got {grid}")
+        self.grid = grid
+        self._table: tuple | None = None
+
+    def __call__(self, n: int, schedule: GaussianPath) -> Tensor:
+        if not isinstance(schedule, VPSchedule):
+            edges, cdf, _ = self._tabulate(schedule)
+            u = torch.rand(n, dtype=torch.float64, device="cpu")
+            cell = torch.searchsorted(cdf, u, right=True).clamp(max=self.grid - 1)  # cdf[cell-1] <= u < cdf[cell]
+            frac = torch.rand(n, dtype=torch.float64, device="cpu")
+            return (edges[cell] + frac * (edges[cell + 1] - edges[cell])).float()
         b0, db = schedule.beta_min, schedule.beta_max - schedule.beta_min
 
         def cdf(t):  # int_0^t beta
@@ -48,13 +70,21 @@ class BetaTime(UniformTime):
         t = (-b0 + torch.sqrt(b0 ** 2 + 2 * db * c)) / db  # solve b0 t + db t^2 / 2 = c
         return t.float()
 
-    @staticmethod
-    def _check(schedule) -> None:
-        if not isinstance(schedule, VPSchedule):
-            raise ValueError(f"time sampler BetaTime needs the continuous VP-SDE (base_model.schedule), got "
-                             f"{schedule!r}; use iif.time_sampling.UniformTime")
+    def _tabulate(self, schedule: GaussianPath) -> tuple[Tensor, Tensor, Tensor]:
+        """(cell edges ``[grid+1]``, CDF at the right edges ``[grid]``, density per cell ``[grid]``), cached per path."""
+        if self._table is None or self._table[0] is not schedule:
+            edges = torch.linspace(self.t_min, 1.0, self.grid + 1, dtype=torch.float64)
+            g2 = schedule.diffusion_sq(0.5 * (edges[1:] + edges[:-1]))
+            mass = g2 * (edges[1:] - edges[:-1])
+            cdf = torch.cumsum(mass, 0) / mass.sum()
+            self._table = (schedule, edges, cdf, g2 / mass.sum())
+        return self._table[1:]
 
-    def density(self, t: Tensor, schedule: VPSchedule) -> Tensor:
+    def density(self, t: Tensor, schedule: GaussianPath) -> Tensor:
+        if not isinstance(schedule, VPSchedule):
+            edges, _, dens = self._tabulate(schedule)
+            cell = (torch.searchsorted(edges.to(t.device), t.double(), right=True) - 1).clamp(0, self.grid - 1)
+            return dens.to(t.device)[cell].to(t.dtype)
         b0, db = schedule.beta_min, schedule.beta_max - schedule.beta_min
         mass = b0 * (1 - self.t_min) + 0.5 * db * (1 - self.t_min ** 2)
         return schedule.beta(t) / mass

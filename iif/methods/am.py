@@ -9,29 +9,49 @@ from iif.samplers.base import Trajectory
 
 Tensor = torch.Tensor
 
+TARGETS = ("post", "pre")
+
 
 class AdjointMatching(FineTuned):
     """Regress the control onto the lean adjoint of detached trajectories.
 
-    The DDPM chain with ``sigma_t^2 = beta_t`` on every step is the memoryless schedule (DDIM ``eta = 1``), so the
-    lean-adjoint regression has the tilted path measure as its fixed point. Each optimiser step:
+    Each optimiser step:
 
     1. draw ``b`` trajectories of the current model without a graph (states ``x_N..x_0`` kept);
     2. ``a_0 = -grad r(x_0)/lambda``                                               (terminal adjoint)
-    3. for ``t = 1..N``: ``a_t = (d mu^0_t / d x)(x_t)^T a_{t-1}``: one vector-Jacobian product of the **base**
-       mean per step (the lean adjoint; the graph of each VJP is freed at once);
+    3. for ``k = 1..N``: ``a_k = J_k(x_k)^T a_{k-1}``, ``J_k = d mu^0_k / d x``: one vector-Jacobian product of the
+       **base** mean per step (the lean adjoint; the graph of each VJP is freed at once);
     4. at ``S`` steps per trajectory, drawn without replacement among the stochastic guided kernels,
-       ``loss = mean || Delta_t / c_t + c_t a_t ||^2`` with ``Delta_t = kernel.shift(h(x_t, t))``
-       (``sqrt(dt) u = Delta / c``); terms whose ``sqrt`` exceeds an EMA of the batch's ``clip_quantile``
-       quantile are zeroed (AM's per-sample clipping; ``clip_quantile = 1`` disables it);
+       ``loss = mean || Delta_k / c_k + c_k a ||^2`` with ``Delta_k = kernel.shift(h(x_k, t_k))``
+       (``sqrt(dt) u = Delta / c``) and ``a`` the adjoint chosen by ``target``:
+
+       * ``post``: ``a = a_{k-1}``, the adjoint at the state the step produces (``a_0`` for the last
+         step). Fixed point: ``Delta_k(x) = c_k^2 E[grad log V_{k-1}(x_{k-1}) | x_k = x]`` with
+         ``V_{k-1}(y) = E^0[e^{r(x_0)/lambda} | x_{k-1} = y]``, the mean shift of the tilted path measure's kernel
+         (Gaussian integration by parts), i.e. each tilted kernel's Gaussian moment projection; exact where the
+         tilted kernels are Gaussian (Gaussian data, linear reward: ``tests/test_am_discrete.py``);
+       * ``pre`` (default): ``a = a_k``, the adjoint at the state the control acts at. This is AM's published
+         discretisation (Domingo-Enrich et al. 2025, Algorithm 1: ``sum_t ||u(X_t, t) + sigma(t)^T a(t; X)||^2``
+         over the time grid, ``a`` solved backwards on the same grid). Its fixed point is the post-step one
+         multiplied by ``J_k^T``: it tends to the tilt as the steps shrink (``J_k -> I``) but not on a fixed grid
+         (on the VP path at the noisiest step, ``J_N ~ 0.905 I`` for ``N = 100`` and ``0.39 I`` for ``N = 10``).
+         On the toy the two tie at 100 steps, and at 10 steps ``pre`` weights the modes better while ``post``
+         reaches a lower SC loss (experiments/figure1/README.md#am), so the default stays AM's form.
+
+       Terms whose ``sqrt`` exceeds an EMA of the batch's ``clip_quantile`` quantile are zeroed (AM's per-sample
+       clipping; ``clip_quantile = 1`` disables it);
     5. clip, step.
 
-    Differentiated: ``h`` at the ``S`` selected ``(x_t, t)`` only; trajectories, adjoints, base outputs and the
+    The DDPM chain with ``c_k^2 = beta_k`` on every step stands in for AM's memoryless schedule (at least the
+    variance of DDIM with ``eta = 1``; docs/methods.md §7.4).
+
+    Differentiated: ``h`` at the ``S`` selected ``(x_k, t_k)`` only; trajectories, adjoints, base outputs and the
     reward are detached. Memory: ``O(N b D)`` for stored states and adjoints, activations for ``S`` steps only.
 
     Args:
         batch_size: ``b`` trajectories per optimiser step; grad_steps: optimiser steps per outer iteration.
         loss_steps: ``S``, steps per trajectory in the loss (at most the sampler's ``N``).
+        target: ``post`` or ``pre``, the adjoint each step is regressed on (step 4).
         clip_quantile, clip_ema: per-term clipping threshold (quantile of the batch, EMA decay of the threshold).
         optimizer, iterations, lr_final_factor, grad_clip, ema_decay: see ``iif.methods.optim.Trainer``.
     """
@@ -39,14 +59,17 @@ class AdjointMatching(FineTuned):
     requires = frozenset({"differentiable_reward", "differentiable_base", "per_step_kernels"})
     data_parallel = True  # each process regresses its rows; the clipping quantile is the whole batch's
 
-    def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 512, grad_steps: int = 10,
-                 loss_steps: int = 20, clip_quantile: float = 0.9, clip_ema: float = 0.9, optimizer=None,
-                 iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
+    def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 512,
+                 grad_steps: int = 10, loss_steps: int = 20, target: str = "pre", clip_quantile: float = 0.9,
+                 clip_ema: float = 0.9, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
+                 grad_clip: float = 0.0, ema_decay: float = 0.0):
         if min(batch_size, grad_steps, loss_steps) < 1:
             raise ValueError(f"method.batch_size, grad_steps and loss_steps must be >= 1, got {batch_size}, "
                              f"{grad_steps}, {loss_steps}")
         if loss_steps > sampler.n_steps:
             raise ValueError(f"method.loss_steps={loss_steps} exceeds the sampler's n_steps={sampler.n_steps}")
+        if target not in TARGETS:
+            raise ValueError(f"method.target must be one of {', '.join(TARGETS)}, got '{target}'")
         if not 0 < clip_quantile <= 1 or not 0 <= clip_ema < 1:
             raise ValueError(f"method.clip_quantile must lie in (0, 1] and clip_ema in [0, 1), got {clip_quantile}, "
                              f"{clip_ema}")
@@ -55,6 +78,7 @@ class AdjointMatching(FineTuned):
                          ema_decay=ema_decay)
         world().check_divisible("method.batch_size", batch_size)
         self.batch_size, self.grad_steps, self.loss_steps = batch_size, grad_steps, loss_steps
+        self.target = target
         self.clip_quantile, self.clip_ema = clip_quantile, clip_ema
         self.clip_threshold: float | None = None
         kernels = sampler.kernels(base)  # index i: the step x_{N-i} -> x_{N-i-1}
@@ -68,11 +92,13 @@ class AdjointMatching(FineTuned):
                              "stochastic guided steps")
 
     def lean_adjoint(self, traj: Trajectory) -> Tensor:
-        """``[N, b, *shape]``: ``a`` at the states ``x_N, ..., x_1`` (index ``i`` is the state before step ``i``),
-        from ``a_0 = -grad r(x_0)/lambda`` backwards through the deterministic part of the base chain."""
+        """``[N+1, b, *shape]``: ``a`` at the states ``x_N, ..., x_0`` (index ``i`` is the state before step ``i``,
+        ``i + 1`` the state after it; the last row is ``a_0 = -grad r(x_0)/lambda``), backwards through the
+        deterministic part of the base chain: ``a_k = (d mu^0_k / d x)(x_k)^T a_{k-1}``."""
         a = -self.reward.grad_log_tilt(traj.x0, traj.cond).to(traj.x0.dtype)
         kernels = self.sampler.kernels(self.base)
-        out = torch.empty_like(traj.states[:-1])
+        out = torch.empty_like(traj.states)
+        out[-1] = a
         for i in range(len(kernels) - 1, -1, -1):
             k = kernels[i]
             with torch.enable_grad():
@@ -81,6 +107,14 @@ class AdjointMatching(FineTuned):
                 (a,) = torch.autograd.grad(mu0, x, a)
             out[i] = a
         return out
+
+    def regressed_adjoint(self, a: Tensor) -> Tensor:
+        """``[N, b, *shape]``: the adjoint step ``i`` is regressed on, from the lean adjoint ``a [N+1, b, *shape]``:
+        ``a[i + 1]`` (``post``, the state after the step) or ``a[i]`` (``pre``, the state before it)."""
+        if a.shape[0] != len(self._t) + 1:
+            raise ValueError(f"expected the lean adjoint at all {len(self._t) + 1} states x_N..x_0, got {a.shape[0]} "
+                             "rows")
+        return a[1:] if self.target == "post" else a[:-1]
 
     def fit_step(self, iteration: int) -> dict[str, float]:
         losses, kept, norms, adj = [], [], [], []
@@ -105,11 +139,14 @@ class AdjointMatching(FineTuned):
                 "clip_threshold": self.clip_threshold if self.clip_threshold is not None else float("nan")}
 
     def loss(self, traj: Trajectory, a: Tensor, rows: slice | None = None) -> tuple[Tensor, float]:
-        """The clipped adjoint-matching loss on ``S`` random steps per trajectory, and the fraction of terms kept.
+        """The clipped adjoint-matching loss on ``S`` random steps per trajectory, and the fraction of terms kept;
+        ``a [N+1, b, *shape]`` is the lean adjoint (:meth:`lean_adjoint`), of which each step takes the row chosen
+        by ``target`` (:meth:`regressed_adjoint`).
 
         ``rows``: the rows of the whole batch (``batch_size``) that ``traj`` holds (one process's share): the steps
         of every row are drawn, so the rows get the steps they get in the whole batch (None: ``traj`` is the batch).
         """
+        a = self.regressed_adjoint(a)
         n_steps, b = a.shape[:2]
         n_total = b if rows is None else self.batch_size
         # S of the controlled steps per row, without replacement (uncontrolled steps sort last)

@@ -23,31 +23,46 @@ def gaussian_log_prob(x: Tensor, mean: Tensor, sigma: Tensor) -> Tensor:
 
 
 class DPOK(FineTuned):
-    """Minimise ``E[ -alpha_R r(x_0)/lambda + beta_KL sum_t KL(p_theta(.|x_t) || p_pre(.|x_t)) ]`` by policy
-    gradient on single transitions. Both terms are averaged over data dimensions as in DPOK, so with
-    ``reward_weight == kl_weight`` the optimum is the tilted target (the per-step KL is then the path KL).
+    """Minimise ``J = E[ -alpha_R r(x_0)/lambda + beta_KL sum_k KL_k(x_k) ]``, ``KL_k(x) = KL(p_theta(.|x) ||
+    p_pre(.|x)) = ||Delta_k(x)||^2 / (2 c_k^2)``, by policy gradient on single transitions. Both terms are averaged
+    over data dimensions as in DPOK, so with ``reward_weight == kl_weight`` ``J`` is ``KL(P^h || P^0) - E[r]/lambda``
+    up to a factor, whose minimiser is the tilted path measure.
 
     Departure from METHODS.md §7.3: the KL term is the exact Gaussian KL of the two kernels,
-    ``||Delta_t||^2 / (2 sigma_t^2) = beta_t / (2 alpha_t (1 - alphabar_t)) ||eps_theta - eps_pre||^2``; DPOK's code
+    ``||Delta_k||^2 / (2 c_k^2) = beta_k / (2 alpha_k (1 - alphabar_k)) ||eps_theta - eps_pre||^2``; DPOK's code
     uses ``mean (eps_theta - eps_pre)^2``, which drops that per-step factor and so weights the steps differently
     from the KL it stands for (with it, ``reward_weight == kl_weight`` would not target the tilt).
 
     Each outer iteration:
 
-    1. draw ``n`` trajectories of the current policy ``p_theta(x_{t-1}|x_t) = N(mu^0_t + Delta_t, sigma_t^2)``
-       without a graph and score ``r(x_0)``; store every transition ``(x_t, t, x_{t-1}, log p_old, r)`` in a FIFO of
-       the most recent ``transitions`` ones;
-    2. ``value_steps`` steps of ``V_psi(x_t, t)`` on ``MSE(V_psi, r)``;
+    1. draw ``n`` trajectories of the current policy ``p_theta(x_{k-1}|x_k) = N(mu^0_k + Delta_k, c_k^2)``
+       without a graph and score ``r(x_0)``; store every transition ``(x_k, k, x_{k-1}, log p_old, r, C_k)`` in a
+       FIFO of the most recent ``transitions`` ones, ``C_k = sum_{j<k} KL_j(x_j)`` the KL of the later steps of the
+       same path;
+    2. ``value_steps`` steps of ``V_psi(x_k, t_k)`` on ``MSE(V_psi, G_k)``, ``G_k`` the return below;
     3. ``grad_steps`` policy steps, each on ``batch_size`` transitions drawn from the FIFO:
-       ``adv = r - V_psi(x_t, t)`` (no grad), ``ratio = clamp(exp(log p_theta - log p_old), 1-eps, 1+eps)``,
-       ``loss = -alpha_R mean(adv * ratio) + beta_KL mean(||Delta_t||^2 / (2 sigma_t^2 D))``;
-       differentiated: ``h_theta`` at the one sampled ``(x_t, t)`` per transition; everything else detached
+       ``adv = G_k - V_psi(x_k, t_k)`` (no grad), ``ratio = clamp(exp(log p_theta - log p_old), 1-eps, 1+eps)``,
+       ``loss = -alpha_R mean(adv * ratio) + beta_KL mean(||Delta_k||^2 / (2 c_k^2 D))``;
+       differentiated: ``h_theta`` at the one sampled ``(x_k, t_k)`` per transition; everything else detached
        (memory ``O(batch)``, independent of the number of steps).
+
+    The return ``G_k`` (``kl_in_return``):
+
+    * ``False`` (DPOK's published update, Fan et al. 2023, Algorithm 1): ``G_k = r(x_0)/lambda``. Only the reward
+      enters the score-function term, so the update omits ``beta_KL E[C_k grad log p_theta(x_{k-1}|x_k)]``: each
+      step's effect on the law of the later states, and so on the later KL terms. It is not the gradient of ``J``;
+      where the KL of the later steps varies along paths (a state-dependent optimal ``h``), its fixed point is not
+      ``J``'s minimiser, so not the tilt (``tests/test_dpok_fixed_point.py``).
+    * ``True`` (default): ``G_k = r(x_0)/lambda - (beta_KL / alpha_R) C_k``, the per-step KL as a cost in the return
+      (policy-gradient theorem): on-policy (ratio 1) the expected update is ``grad J / (N D)``, so its fixed point is
+      ``J``'s minimiser over the policy class. On the toy it weights the modes better than the published update
+      (experiments/figure1/README.md#dpok).
 
     Args:
         n_samples: trajectories per iteration; transitions: FIFO capacity (DPOK: 1000 on SD).
         grad_steps, batch_size: policy updates per iteration and transitions per update.
         reward_weight, kl_weight: ``alpha_R``, ``beta_KL``.
+        kl_in_return: put the later steps' KL into the return (above; needs ``reward_weight > 0``).
         ratio_clip: ``eps`` of the ratio clamp (DPOK: 1e-4; clamp, not PPO's min).
         value_steps, value_batch_size, value_optimizer, value_hidden: the value network and its fit.
         optimizer, iterations, lr_final_factor, grad_clip: see ``iif.methods.optim.Trainer``.
@@ -57,7 +72,7 @@ class DPOK(FineTuned):
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, n_samples: int = 256,
                  transitions: int = 25600, grad_steps: int = 20, batch_size: int = 2048, reward_weight: float = 1.0,
-                 kl_weight: float = 1.0, ratio_clip: float = 1e-4, value_steps: int = 20,
+                 kl_weight: float = 1.0, kl_in_return: bool = True, ratio_clip: float = 1e-4, value_steps: int = 20,
                  value_batch_size: int = 2048, value_optimizer=None, value_hidden: int = 128, optimizer=None,
                  iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0):
         sizes = dict(n_samples=n_samples, transitions=transitions, grad_steps=grad_steps, batch_size=batch_size,
@@ -67,10 +82,13 @@ class DPOK(FineTuned):
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
         if ratio_clip <= 0 or kl_weight < 0:
             raise ValueError(f"method.ratio_clip must be > 0 and method.kl_weight >= 0, got {ratio_clip}, {kl_weight}")
+        if kl_in_return and not reward_weight > 0:
+            raise ValueError(f"method.kl_in_return needs method.reward_weight > 0, got {reward_weight}")
         super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip)
         self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
         self.reward_weight, self.kl_weight, self.ratio_clip = reward_weight, kl_weight, ratio_clip
+        self.kl_in_return = bool(kl_in_return)
         self.value_steps, self.value_batch_size = value_steps, value_batch_size
         self.shape = tuple(base.sample_shape)
         self.dim = math.prod(self.shape)
@@ -87,22 +105,47 @@ class DPOK(FineTuned):
 
     # ------------------------------------------------------------------ transitions, packed as rows
     def _pack(self, traj, log_r: Tensor) -> Tensor:
-        """``[N*n, 4D + 3]`` rows ``(x_t, x0_hat_t, mu^0_t, x_{t-1}, k, log p_old, r)``."""
+        """``[N*n, 4D + 4]`` rows ``(x_k, x0_hat_k, mu^0_k, x_{k-1}, k, log p_old, r/lambda, C_k)``, ``C_k`` the KL of
+        the path's later steps ``sum_{j<k} ||Delta_j||^2 / (2 c_j^2)`` (``Delta_j = x_{j-1} - c_j z_j - mu^0_j``)."""
         n_steps, n = traj.noises.shape[:2]
         flat = lambda a: a.reshape(n_steps * n, self.dim)  # noqa: E731
         k = torch.arange(n_steps, 0, -1, dtype=torch.float32, device=traj.x0.device).repeat_interleave(n)
         x_prev = traj.states[1:].reshape(n_steps, n, self.dim)
-        sigma = self._var[k.long()].sqrt()
-        old_mean = x_prev - sigma.view(n_steps, n, 1) * traj.noises.reshape(n_steps, n, self.dim)  # mu^0 + Delta
-        log_p_old = gaussian_log_prob(flat(x_prev), flat(old_mean), sigma)
+        var = self._var[k.long()].view(n_steps, n)
+        old_mean = x_prev - var.sqrt()[..., None] * traj.noises.reshape(n_steps, n, self.dim)  # mu^0 + Delta
+        log_p_old = gaussian_log_prob(flat(x_prev), flat(old_mean), var.sqrt().reshape(-1))
+        kl = ((old_mean - traj.base_means.reshape(n_steps, n, self.dim)) ** 2).sum(-1) / (2 * var)  # [N, n]
+        later = kl.flip(0).cumsum(0).flip(0) - kl  # row i (step k = N - i): sum over the rows after i
         return torch.cat([flat(traj.states[:-1]), flat(traj.x0_hats), flat(traj.base_means), flat(x_prev),
-                          k[:, None], log_p_old[:, None], log_r.float().repeat(n_steps)[:, None]], dim=1)
+                          k[:, None], log_p_old[:, None], log_r.float().repeat(n_steps)[:, None],
+                          later.reshape(-1, 1)], dim=1)
 
     def _unpack(self, rows: Tensor):
+        """``(x_k, x0_hat_k, mu^0_k, x_{k-1}, k, log p_old, r/lambda)`` of packed rows."""
         d = self.dim
         x, x0_hat, mu0, x_prev = (rows[:, i * d:(i + 1) * d] for i in range(4))
         k = rows[:, 4 * d].long()
         return x, x0_hat, mu0, x_prev, k, rows[:, 4 * d + 1], rows[:, 4 * d + 2]
+
+    def returns(self, rows: Tensor) -> Tensor:
+        """``G_k`` of packed rows: ``r/lambda``, minus ``(beta_KL/alpha_R) C_k`` with ``kl_in_return``."""
+        r = rows[:, 4 * self.dim + 2]
+        if not self.kl_in_return:
+            return r
+        return r - (self.kl_weight / self.reward_weight) * rows[:, 4 * self.dim + 3]
+
+    def policy_loss(self, rows: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Step 3's loss on packed transitions ``rows`` (conditions ``cond``), and the mean per-dimension KL."""
+        x, x0_hat, mu0, x_prev, k, log_p_old, _ = self._unpack(rows)
+        t, var, coef = self._t[k], self._var[k], self._coef[k]
+        with torch.no_grad():
+            adv = self.returns(rows) - self.value(x, t).squeeze(-1)
+        h = self.guidance(x.view(-1, *self.shape), t, x0_hat.view(-1, *self.shape), cond).flatten(1)
+        delta = coef[:, None] * h
+        log_p = gaussian_log_prob(x_prev, mu0 + delta, var.sqrt())
+        ratio = torch.clamp(torch.exp(log_p - log_p_old), 1 - self.ratio_clip, 1 + self.ratio_clip)
+        kl = (delta ** 2).sum(1) / (2 * var * self.dim)
+        return -self.reward_weight * (adv * ratio).mean() + self.kl_weight * kl.mean(), kl.mean()
 
     # ------------------------------------------------------------------ algorithm
     def fit_step(self, iteration: int) -> dict[str, float]:
@@ -113,31 +156,22 @@ class DPOK(FineTuned):
         n_steps = traj.noises.shape[0]
         cond = None if traj.cond is None else traj.cond.repeat(n_steps, *([1] * (traj.cond.dim() - 1)))
         self.transitions.add(self._pack(traj, log_r), cond)
-        # 2. value network: V(x_t, t) ~ r(x_0)
+        # 2. value network: V(x_k, t_k) ~ G_k
         v_losses = []
         for _ in range(self.value_steps):
-            x, _, _, _, k, _, r = self._unpack(self.transitions.sample(self.value_batch_size)[0])
-            loss = ((self.value(x, self._t[k]).squeeze(-1) - r) ** 2).mean()
+            rows = self.transitions.sample(self.value_batch_size)[0]
+            x, _, _, _, k, _, _ = self._unpack(rows)
+            loss = ((self.value(x, self._t[k]).squeeze(-1) - self.returns(rows)) ** 2).mean()
             v_losses.append(loss.item())
             self.value_trainer.minimise(loss)
         # 3. policy steps on single transitions
         losses, kls = [], []
         for _ in range(self.grad_steps):
             rows, cond = self.transitions.sample(self.batch_size)
-            x, x0_hat, mu0, x_prev, k, log_p_old, r = self._unpack(rows)
-            cond = None if cond is None else cond.to(x.device)
-            t, var, coef = self._t[k], self._var[k], self._coef[k]
-            with torch.no_grad():
-                adv = r - self.value(x, t).squeeze(-1)
-            h = self.guidance(x.view(-1, *self.shape), t, x0_hat.view(-1, *self.shape), cond).flatten(1)
-            delta = coef[:, None] * h
-            log_p = gaussian_log_prob(x_prev, mu0 + delta, var.sqrt())
-            ratio = torch.clamp(torch.exp(log_p - log_p_old), 1 - self.ratio_clip, 1 + self.ratio_clip)
-            kl = (delta ** 2).sum(1) / (2 * var * self.dim)
-            loss = -self.reward_weight * (adv * ratio).mean() + self.kl_weight * kl.mean()
+            loss, kl = self.policy_loss(rows, None if cond is None else cond.to(rows.device))
             self.trainer.minimise(loss)
             losses.append(loss.item())
-            kls.append(kl.mean().item())
+            kls.append(kl.item())
         return {"loss": sum(losses) / len(losses), "value_loss": sum(v_losses) / len(v_losses),
                 "step_kl": sum(kls) / len(kls), "kl_path": traj.control_cost.mean().item(),
                 "batch_reward_mean": (log_r * self.reward.temperature).mean().item(), "lr": self.trainer.lr,
