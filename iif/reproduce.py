@@ -45,7 +45,8 @@ def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[st
 
 def prepare_base(spec, scale: str, extra: list[str]) -> None:
     """Pretrain (or load) the shared base model once, before parallel runs would each try to."""
-    from iif.train import build, compose
+    from iif.build import build
+    from iif.config import compose
 
     cfg, _ = compose([f"experiment={spec.experiment}", *spec.overrides, *spec.scales[scale], *extra, "logger=none"])
     build(cfg).base.prepare()
@@ -68,19 +69,17 @@ def check_claims(spec, rows: list[dict]) -> list[str]:
 
 
 def make_figure(spec, rows: list[dict], out_dir: Path) -> None:
-    from iif.plotting import toy_figure
-    from iif.train import build, compose
+    """The experiment's evaluator draws the figure: one panel per method, the samples of its first seed's run."""
+    from iif.build import build
+    from iif.config import compose
 
     cfg, _ = compose([f"experiment={spec.experiment}", *spec.overrides, "logger=none"])
-    comp = build(cfg)
+    evaluator = build(cfg).evaluator
     panels = {}
     for r in rows:
         runs = sorted(Path(d) for d in r["run_dirs"])
         panels[r["method"]] = torch.load(runs[0] / "samples.pt", weights_only=True)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        prior = comp.prior.sample(4000)
-    fig = toy_figure(panels, comp.target, prior)
+    fig = evaluator.figure(panels)
     fig.savefig(out_dir / "figure.png", dpi=130)
     fig.clf()
 

@@ -36,7 +36,8 @@ DEFAULT_METRICS = ("mode_tv", "energy_distance", "top_mode_frac", "reward_mean",
 CHOICES = ("experiment", "method", "base_model")
 # Never grouping options: the seed is averaged over; the rest (and everything under them) say where results and
 # caches go, how a run is logged, where and on what it ran (launcher, resources, site), or how many threads it
-# used, not what it computes. `debug` lists overrides that are already applied to the leaves they name.
+# used, not what it computes. `debug`: run directories written before debug=fast became a Hydra preset list its
+# overrides there, already applied to the leaves they name.
 NOT_OPTIONS = ("seed", "logger", "debug", "torch_threads", "cache_dir", "launcher", "resources", "site")
 # Fields of metrics.json that identify a run rather than measure it.
 BOOKKEEPING = ("seed", "iterations", *CHOICES)

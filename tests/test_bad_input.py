@@ -8,8 +8,9 @@ import sys
 
 import pytest
 
-from iif.train import ConfigError, compose, train
-from iif.utils import RunError
+from iif.config import compose
+from iif.train import train
+from iif.utils import ConfigError, RunError
 
 FAST = ["debug=fast", "logger=none", "base_model=gmm_exact"]
 
@@ -111,7 +112,8 @@ def test_read_only_cache_with_the_weights_is_fine(tmp_path, monkeypatch):
     """The check does not refuse a cache that already holds the weights (a prefetched cache on an offline node):
     the weights are loaded, nothing pretrained."""
     from iif.base_models.toy2d import Toy2DScoreMLP
-    from iif.train import build, check_cache_writable
+    from iif.build import build
+    from iif.checks import check_cache_writable
 
     cfg, choices = compose(["debug=fast", "logger=none", "base_model=toy2d", f"cache_dir={tmp_path / 'cache'}"])
     base = build(cfg).base

@@ -1,9 +1,10 @@
 """A toy run killed with SIGKILL at chosen moments and restarted in the same run directory ends identical to an
 uninterrupted run with the same seed (``scripts/kill_test.py`` is the 20-kill, random-moment version).
 
-Each kill is forced deterministically: the run is started through the script's child mode, which SIGKILLs its own
-process at an exact point (``PHASE@ITERATION#TICK``, see the script's docstring); the file states after each kill
-and the final results are read here from the run directories themselves."""
+Each kill is forced deterministically through the fault points of ``iif.faults``: the run is started unchanged
+(``python -m iif.train``) with ``IIF_FAULT=<point>@<iteration>:<count>``, and kills itself there; its points are
+traced (``IIF_FAULT_TRACE``), so the test sees where it died. The file states after each kill and the final results
+are read from the run directories themselves."""
 from __future__ import annotations
 
 import importlib.util
@@ -24,8 +25,8 @@ RUN = [*kill_test.RUN, "torch_threads=1"]
 KILLED = -signal.SIGKILL
 
 
-def launch(run_dir: Path, phase_log: Path, die_at: str | None = None) -> int:
-    proc = kill_test.start(run_dir, phase_log, RUN, die_at=die_at, output=run_dir.parent / f"{run_dir.name}.out")
+def launch(run_dir: Path, trace: Path, fault: str | None = None) -> int:
+    proc = kill_test.start(run_dir, trace, RUN, fault=fault, output=run_dir.parent / f"{run_dir.name}.out")
     return proc.wait(timeout=300)
 
 
@@ -37,24 +38,26 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def last_phase(phase_log: Path) -> tuple[str, int, int]:
-    _, phase, iteration, tick = phase_log.read_text().splitlines()[-1].split()
-    return phase, int(iteration), int(tick)
+def last_point(trace: Path) -> tuple[str, int, int]:
+    _, point, iteration, count = trace.read_text().splitlines()[-1].split()
+    return point, int(iteration), int(count)
 
 
 def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
-    reference, run, log = tmp_path / "reference", tmp_path / "killed", tmp_path / "phases"
-    assert launch(reference, tmp_path / "reference.phases") == 0
+    reference, run, trace = tmp_path / "reference", tmp_path / "killed", tmp_path / "trace"
+    assert launch(reference, tmp_path / "reference.trace") == 0
+    points = [line.split()[1:3] for line in (tmp_path / "reference.trace").read_text().splitlines()]
+    assert points[:3] == [["start", "0"], ["setup", "0"], ["checkpoint", "0"]] and points[-1] == ["end", "8"]
 
-    # 1. in the first start, while sampling the buffer prefill (10th of 20 base-network calls): no checkpoint yet
-    assert launch(run, log, "sampling@0#10") == KILLED
-    assert last_phase(log) == ("sampling", 0, 10)
+    # 1. in the first start, as the buffer prefill begins: no checkpoint yet
+    assert launch(run, trace, "setup") == KILLED
+    assert last_point(trace) == ("setup", 0, 1)
     assert not (run / "checkpoint.pt").exists()
 
-    # 2. in the middle of writing iteration 3's checkpoint (8 of 16 chunks): the checkpoint of iteration 2 is intact,
+    # 2. in the middle of writing iteration 3's checkpoint (8 of 16 pieces): the checkpoint of iteration 2 is intact,
     # row 3 is already logged (rows are written before their checkpoint), half a temp file is left behind
-    assert launch(run, log, "checkpoint@3#8") == KILLED
-    assert last_phase(log) == ("checkpoint", 3, 8)
+    assert launch(run, trace, "checkpoint_chunk@3:8") == KILLED
+    assert last_point(trace) == ("checkpoint_chunk", 3, 8)
     assert checkpoint_iteration(run) == 2
     assert [r["iteration"] for r in rows(run)] == [1, 2, 3]
     (temp,) = run.glob(".checkpoint.pt.*.tmp")
@@ -63,21 +66,22 @@ def test_killed_run_resumes_to_the_uninterrupted_result(tmp_path):
     with (run / "metrics.jsonl").open("a") as f:
         f.write('{"iteration": 4, "accept_ra')
 
-    # 3. while sampling iteration 5 (10th base-network call): resumed from 2, iterations 3 and 4 done again, each
-    # logged once; the torn row and the stale temp file are gone
-    assert launch(run, log, "sampling@5#10") == KILLED
-    assert last_phase(log) == ("sampling", 5, 10)
+    # 3. after iteration 5's method step (sampled, weighted, trained), before its row: resumed from 2, iterations 3
+    # and 4 done again, each logged once; the torn row and the stale temp file are gone
+    assert launch(run, trace, "step_done@5") == KILLED
+    assert last_point(trace) == ("step_done", 5, 1)
     assert checkpoint_iteration(run) == 4
     assert [r["iteration"] for r in rows(run)] == [1, 2, 3, 4]
     assert list(run.glob(".*.tmp")) == []
 
     # 4. after the final evaluation and the figure, just before metrics.json is written: no metrics.json yet (it is
     # written last, so a run that has one is complete)
-    assert launch(run, log, "final_files@8#1") == KILLED
+    assert launch(run, trace, "metrics_json@8") == KILLED
+    assert last_point(trace) == ("metrics_json", 8, 1)
     assert checkpoint_iteration(run) == 8
     assert (run / "samples.png").exists() and not (run / "metrics.json").exists()
 
-    assert launch(run, log) == 0  # runs to the end
+    assert launch(run, trace) == 0  # runs to the end
     ref, got = (json.loads((d / "metrics.json").read_text()) for d in (reference, run))
     for key in ("mode_tv", "energy_distance", "reward_mean", "sc_loss", "kl_path", "top_mode_frac",
                 "base_nfe", "reward_evals", "reward_grad_evals", "iterations"):

@@ -30,7 +30,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 
 from iif.launch import LaunchChecks
-from iif.train import CONF_DIR
+from iif.config import CONF_DIR
 
 pytestmark = pytest.mark.slurm
 

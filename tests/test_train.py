@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from conftest import kill_fit_step_at
 from iif.rewards.base import RewardError
-from iif.train import CONF_DIR, ConfigError, build, compose, train
+from iif.build import build
+from iif.config import CONF_DIR, compose
+from iif.train import train
+from iif.utils import ConfigError
 
-GROUPS = ["base_model", "reward", "guidance", "method", "sampler", "buffer", "logger", "launcher", "resources",
-          "experiment", "debug"]
+GROUPS = ["base_model", "reward", "guidance", "method", "sampler", "buffer", "conditions", "evaluation", "logger",
+          "launcher", "resources", "experiment", "debug"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF_DIR / g).glob("*.yaml"))]
 FAST = ["debug=fast", "logger=none", "base_model=gmm_exact"]
 
@@ -29,16 +33,33 @@ def run_cli(args: list[str], env: dict, check: bool = True) -> subprocess.Comple
     return proc
 
 
+# An option of a problem group is built in the first experiment preset that chooses it; the toy's variants below are
+# built in the toy; an option of another problem that no preset chooses yet is only composed (its own tests build
+# it). Options of the other groups are built in the default experiment, the toy.
+PROBLEM_GROUPS = ("base_model", "reward", "guidance", "conditions", "evaluation")
+TOY_VARIANTS = {("base_model", "gmm_exact"): [], ("reward", "gmm_blackbox"): ["guidance=mlp"], ("guidance", "mlp"): []}
+
+
+def experiment_choosing(group: str, option: str) -> str | None:
+    for path in sorted((CONF_DIR / "experiment").glob("*.yaml")):
+        defaults = yaml.safe_load(path.read_text()).get("defaults", [])
+        if any(isinstance(d, dict) and d.get(f"override /{group}") == option for d in defaults):
+            return path.stem
+    return None
+
+
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_builds(group, option):
     """Each option of each group composes with the defaults and every component instantiates."""
-    overrides = ["debug=fast", f"{group}={option}"]
-    if (group, option) == ("reward", "gmm_blackbox"):
-        overrides.append("guidance=mlp")  # the default guidance needs reward gradients
-    cfg, choices = compose(overrides)
+    experiment = experiment_choosing(group, option)
+    toy_variant = experiment is None and (group, option) in TOY_VARIANTS
+    cfg, choices = compose(["debug=fast", f"experiment={experiment or 'toy2d'}", f"{group}={option}",
+                            *TOY_VARIANTS.get((group, option), [])])
     assert choices[group] == option
+    if group in PROBLEM_GROUPS and experiment is None and not toy_variant:
+        return  # another problem's option that no experiment chooses yet: composed only
     comp = build(cfg)
-    assert comp.method is not None and comp.target.mode_weights.sum().item() == pytest.approx(1.0)
+    assert comp.method is not None and comp.evaluator is not None
 
 
 def test_cli_run_writes_run_directory(tmp_path, cli_env):
@@ -131,7 +152,7 @@ def test_resume_with_other_settings_is_refused_and_leaves_the_run_intact(tmp_pat
 
 
 def test_config_changes_lists_differences_outside_the_free_keys():
-    from iif.train import config_changes
+    from iif.run_dir import config_changes
     saved = {"seed": 0, "torch_threads": 2, "method": {"lr": 0.1, "steps": [1, 2]}, "logger": {"mode": "offline"}}
     current = {"seed": 1, "torch_threads": 1, "method": {"lr": 0.1, "steps": [1, 3], "new": True},
                "logger": {"mode": "online", "extra": 1}}
@@ -176,7 +197,7 @@ def test_impossible_pairing_names_both_options(tmp_path):
 def test_nan_reward_is_a_clear_error(tmp_path, monkeypatch):
     from iif.rewards.gmm import GMMReward
 
-    def nan_reward(self, x):
+    def nan_reward(self, x, cond=None):
         r = self.gmm.log_prob(x).to(x.dtype)
         r[::7] = float("nan")
         return r

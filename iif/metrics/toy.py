@@ -1,4 +1,5 @@
-"""Metrics of the toy problem, against the exact tilted target (key names are used by other tools: keep them).
+"""The toy problem's evaluator (``conf/evaluation/toy.yaml``): metrics against the exact tilted target, and the
+figure (key names are used by other tools: keep them).
 
 * ``mode_tv``: total variation ``1/2 sum_i |hat p_i - p_i|`` between the histogram of samples over prior modes
   (nearest prior mean) and the exact tilted mode masses ``w_i Z_i / Z``.
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from iif.metrics.base import Evaluation, Evaluator
+from iif.plotting import toy_figure
 from iif.targets import TiltedGMMTarget
 
 Tensor = torch.Tensor
@@ -38,28 +41,35 @@ def energy_distance(x: Tensor, y: Tensor) -> float:
     return (2 * xy - xx - yy).item()
 
 
-class ToyEvaluator:
-    """Samples the method with a fixed evaluation seed (the training RNG is untouched) and scores them.
+class ToyEvaluator(Evaluator):
+    """The toy's evaluator: owns the exact tilted target and the figure, samples the method with a fixed evaluation
+    seed (the training RNG is untouched) and scores the samples against the target.
 
     Args:
+        base: the toy base model; its data mixture ``base.prior`` is the prior of the target and of the figure.
+        reward: the run's GMM reward (its evaluations here are not counted in the training budget).
         n_samples: samples for ``mode_tv``, ``reward_mean``, ``sc_loss``.
         n_energy: samples (of each side) for ``energy_distance``.
         seed: evaluation seed (a run adds its own seed, so seeds differ in their evaluation draws too).
+        n_plot: samples drawn in each scatter panel of the figure.
     """
 
-    def __init__(self, n_samples: int = 10_000, n_energy: int = 2048, seed: int = 12345):
+    def __init__(self, base, reward, n_samples: int = 10_000, n_energy: int = 2048, seed: int = 12345,
+                 n_plot: int = 4000):
         if n_samples < 2 or n_energy < 2:
             raise ValueError("evaluation needs at least 2 samples")
-        self.n_samples, self.n_energy, self.seed = n_samples, n_energy, seed
+        self.n_samples, self.n_energy, self.seed, self.n_plot = n_samples, n_energy, seed, n_plot
+        self.prior, self.reward = base.prior, reward
+        self.target = TiltedGMMTarget(self.prior, reward)
 
-    def __call__(self, method, target: TiltedGMMTarget, run_seed: int = 0) -> tuple[dict[str, float], Tensor]:
+    def __call__(self, method, run_seed: int = 0, figures: bool = False, label: str = "samples") -> Evaluation:
         seed = self.seed + 1000 * run_seed
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             traj = method.sample(self.n_samples)
-            ref = target.sample(self.n_energy, generator=torch.Generator().manual_seed(seed + 1))
+            ref = self.target.sample(self.n_energy, generator=torch.Generator().manual_seed(seed + 1))
         x = traj.x0.cpu()  # the exact target and the metrics live on the CPU
-        reward = method.reward
+        target, reward = self.target, self.reward
         top = int(torch.argmax(reward(target.prior.means)))
         log_tilt = reward.log_tilt(x).double()  # one reward evaluation, checked finite
         metrics = {
@@ -72,4 +82,12 @@ class ToyEvaluator:
         if traj.control_cost is not None:  # path statistics exist only for samples of one diffusion path
             metrics["sc_loss"] = (traj.control_cost.cpu() - log_tilt).mean().item()
             metrics["kl_path"] = traj.control_cost.mean().item()
-        return metrics, x
+        return Evaluation(metrics, x, {"samples": self.figure({label: x})} if figures else {})
+
+    def figure(self, panels: dict[str, Tensor]):
+        """Prior samples, the exact tilted density, then one scatter panel per entry of ``panels`` (name: samples
+        ``[n, 2]``); the prior's draws use their own seed (0), outside the caller's random state."""
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            prior_samples = self.prior.sample(self.n_plot)
+        return toy_figure(panels, self.target, prior_samples)
