@@ -1,0 +1,57 @@
+"""``conv_reward_informed``: the reward-informed h-transform for images [IIF 16]:
+``h(x_t, t | c) = NN1(x_t, x0_hat, grad r(x0_hat | c), t, c) + NN2(t) * grad r(x0_hat | c)``, NN1 a small UNet."""
+from __future__ import annotations
+
+import torch
+
+from iif.base_models.unet import build_unet, network_timestep
+from iif.guidance.base import Guidance
+from iif.nn import TimeMLP
+from iif.rewards.base import Reward
+
+Tensor = torch.Tensor
+
+
+class ConvRewardInformedGuidance(Guidance):
+    """Reward-informed guidance on ``[C, H, W]`` samples (docs/methods.md §4.4).
+
+    NN1 is a ``UNet2DModel`` on the ``3C`` channels ``[x_t, x0_hat, grad r(x0_hat)]`` (plus the condition's channels
+    when the condition is an image, e.g. a measurement ``y``, resized to ``H x W``), with a class embedding when the
+    condition is a label; its output convolution is zero-initialised. NN2 is a scalar MLP of ``t``, zero-initialised.
+    So ``h == 0`` at initialisation. ``grad r`` is taken at the frozen base's Tweedie estimate, as an input feature.
+
+    Args:
+        base: the frozen base model (sample shape).
+        reward: a differentiable reward.
+        block_out_channels, layers_per_block, norm_num_groups: NN1's size.
+        num_classes: NN1 embeds a class-label condition (None: labels are not an input).
+        cond_channels: channels of an image condition concatenated to NN1's input (0: none).
+        t_dim, nn2_hidden: NN2's size.
+    """
+
+    requires = frozenset({"differentiable_reward"})
+
+    def __init__(self, base, reward: Reward, block_out_channels=(32, 64), layers_per_block: int = 1,
+                 norm_num_groups: int = 8, num_classes: int | None = None, cond_channels: int = 0, t_dim: int = 32,
+                 nn2_hidden: int = 64):
+        super().__init__()
+        self.reward, self.num_classes, self.cond_channels = reward, num_classes, cond_channels
+        self.base_schedule = base.schedule
+        c = base.sample_shape[0]
+        self.nn1 = build_unet(base.sample_shape, block_out_channels, layers_per_block, norm_num_groups,
+                              num_classes, in_channels=3 * c + cond_channels, out_channels=c)
+        torch.nn.init.zeros_(self.nn1.conv_out.weight)
+        torch.nn.init.zeros_(self.nn1.conv_out.bias)
+        self.nn2 = TimeMLP(0, 1, hidden=nn2_hidden, layers=2, t_dim=t_dim, zero_init=True)
+
+    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
+        grad_r = self.reward.grad_log_tilt(x0_hat, cond).to(x.dtype)  # [B, C, H, W]
+        inputs = [x, x0_hat, grad_r]
+        labels = None
+        if cond is not None and cond.dim() == 4:  # an image condition: resized and stacked as channels
+            inputs.append(torch.nn.functional.interpolate(cond.to(x.dtype), size=x.shape[-2:], mode="nearest"))
+        elif cond is not None and self.num_classes is not None:
+            labels = cond.long()
+        nn1 = self.nn1(torch.cat(inputs, dim=1), network_timestep(self.base_schedule, t), class_labels=labels).sample
+        nn2 = self.nn2(x.new_zeros(x.shape[0], 0), t).view(-1, 1, 1, 1)
+        return nn1 + nn2 * grad_r
