@@ -1,0 +1,195 @@
+"""``lora``: the h-transform as a LoRA adapter (peft) on the base's own network (docs/methods.md §4.4).
+
+``h(x_t, t | c) = (eps_0(x_t, t | c) - eps_A(x_t, t | c)) / sigma(t)`` in score units: the adapted network
+``eps_A`` (adapter on) minus the frozen base ``eps_0`` (adapter off), both with the base's classifier-free guidance,
+at the same state. The guided score ``s_0 + h = -eps_A / sigma`` is the adapted model's, so sampling with ``h`` is
+sampling the fine-tuned model, and the IIF loss ``||sigma (s_0 + h) + eps||^2 = ||eps - eps_A||^2`` is the usual
+denoising loss of the adapted network. The adapter's ``B`` matrices start at 0, so ``h == 0`` exactly at
+initialisation.
+
+The base model must follow this protocol (:class:`AdapterBase`; ``base_model=sd15`` does):
+
+- ``adapter_host``: the ``nn.Module`` the adapter is added to, a diffusers ``ModelMixin`` (``add_adapter``,
+  ``enable_adapters``/``disable_adapters``), e.g. the UNet;
+- ``adapter_enabled()``: a context manager within which ``eps``/``predict`` run the host with its adapters on
+  (counted in ``nfe``); outside it the base runs with them off;
+- ``frozen_eps(x, t, cond)``: the base's (adapter-off) noise prediction, which may reuse the evaluation the
+  caller has just made at the same tensors;
+- ``schedule`` (``sigma(t)``) and ``eps`` of :class:`~iif.base_models.base.BaseModel`.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import ContextManager, Protocol
+
+import torch
+from torch import nn
+
+from iif.guidance.base import Guidance
+
+Tensor = torch.Tensor
+
+WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' `save_lora_weights` / `load_lora_weights` file
+
+
+class AdapterBase(Protocol):
+    """What :class:`LoRAGuidance` needs of the base model (see the module docstring)."""
+
+    adapter_host: nn.Module
+
+    def adapter_enabled(self) -> ContextManager: ...
+
+    def frozen_eps(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
+
+    def eps(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
+
+
+def set_adapters_enabled(host: nn.Module, enabled: bool) -> None:
+    """Turn the adapters of a diffusers model on or off without touching ``requires_grad`` (peft's
+    ``enable_adapters``/``disable_adapters`` also set the adapter weights' ``requires_grad``; here what is trained is
+    decided once, by the guidance)."""
+    with _keep_requires_grad(host):
+        host.enable_adapters() if enabled else host.disable_adapters()
+
+
+class LoRAGuidance(Guidance):
+    """A peft LoRA adapter on the base's network; ``h = (eps_base - eps_adapted) / sigma(t)``.
+
+    One call evaluates the adapted network once (counted in the base's ``nfe``, with CFG: 2 per sample) and reuses
+    the base's own evaluation at the same state (``base.frozen_eps``). The guidance's module tree holds the host
+    network (``net``): its ``named_parameters()`` are the adapter's weights, trainable, and the host's own, frozen,
+    so the optimiser, the EMA and checkpoints of ``iif.methods.optim.Trainer`` hold the adapter only.
+
+    Args:
+        base: the base model, following the adapter protocol of this module (e.g. ``base_model=sd15``).
+        reward: unused (every guidance is built with the same arguments).
+        rank: LoRA rank ``r``.
+        alpha: LoRA ``alpha`` (the update is scaled by ``alpha / r``); None: ``r``.
+        target_modules: names of the host's linear layers that get an adapter (SD's attention projections).
+        seed: the random initialisation of the ``A`` matrices (``B = 0``), independent of the run's RNG.
+        adapter_name: the adapter's name in the host (and in saved files' metadata).
+    """
+
+    requires = frozenset({"adapter_host"})
+
+    def __init__(self, base: AdapterBase, reward=None, rank: int = 4, alpha: float | None = None,
+                 target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"), seed: int = 0,
+                 adapter_name: str = "iif"):
+        super().__init__()
+        from peft import LoraConfig
+
+        missing = [a for a in ("adapter_host", "adapter_enabled", "frozen_eps") if not hasattr(base, a)]
+        if missing:
+            raise TypeError(f"guidance=lora needs a base model whose network takes an adapter (e.g. base_model=sd15); "
+                            f"{type(base).__name__} has no {', '.join(missing)}")
+        if rank < 1:
+            raise ValueError(f"guidance.rank must be >= 1, got {rank}")
+        alpha = float(rank if alpha is None else alpha)
+        if not alpha > 0:
+            raise ValueError(f"guidance.alpha must be > 0, got {alpha}")
+        host = base.adapter_host
+        if getattr(host, "peft_config", None):  # diffusers' add_adapter would make the new one the only active one
+            raise ValueError(f"the base's network already has an adapter ({', '.join(host.peft_config)}); build one "
+                             "LoRA guidance per base model")
+        names = [name for name, _ in host.named_modules()]
+        if not any(n == m or n.endswith("." + m) for n in names for m in target_modules):  # peft's suffix match
+            raise ValueError(f"guidance.target_modules {list(target_modules)} match no layer of the base's network "
+                             f"(e.g. '{names[-1]}')")
+        self.config = LoraConfig(r=int(rank), lora_alpha=alpha, target_modules=list(target_modules),
+                                 init_lora_weights=True)  # A: Kaiming-uniform, B: 0
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            try:
+                host.add_adapter(self.config, adapter_name=adapter_name)
+            except ValueError as e:  # peft: no layer matched
+                raise ValueError(f"guidance.target_modules {list(target_modules)}: {e}") from e
+        self.adapter_name = adapter_name
+        self.net = host  # a submodule: the adapter's parameters appear in named_parameters()
+        self._base = (base,)  # not a submodule (the VAE and text encoder are not the guidance's)
+        for name, p in host.named_parameters():
+            p.requires_grad_(self._is_adapter(name))
+            if self._is_adapter(name) and p.dtype != torch.float32:
+                p.data = p.data.float()  # a half-precision host trains a float32 adapter (peft casts its input)
+        set_adapters_enabled(host, False)  # the base's own calls run without the adapter
+
+    @property
+    def base(self) -> AdapterBase:
+        return self._base[0]
+
+    def _is_adapter(self, name: str) -> bool:
+        """Whether ``name`` (a host parameter's name) is a weight of this adapter (``....lora_A.<name>.weight``)."""
+        return f".{self.adapter_name}." in name and ".lora_" in name
+
+    def adapter_parameters(self) -> dict[str, Tensor]:
+        """The adapter's weights by their name in the host."""
+        return {name: p for name, p in self.net.named_parameters() if self._is_adapter(name)}
+
+    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
+        base = self.base
+        eps0 = base.frozen_eps(x, t, cond)
+        with base.adapter_enabled():
+            eps_a = base.eps(x, t, cond)
+        sigma = base.schedule.sigma(t.to(torch.float64)).to(x.dtype).view((-1,) + (1,) * (x.dim() - 1))
+        return (eps0 - eps_a) / sigma
+
+    # ------------------------------------------------------------------ files for diffusers users
+    def adapter_state_dict(self) -> dict[str, Tensor]:
+        """The adapter in peft's format (keys without the adapter name, e.g. ``...to_q.lora_A.weight``)."""
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.net, adapter_name=self.adapter_name)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the adapter as diffusers' ``save_lora_weights`` does (``pytorch_lora_weights.safetensors`` with the
+        LoRA config as metadata), so ``StableDiffusionPipeline.load_lora_weights(directory)`` applies it. Saves the
+        current weights (inside ``trainer.sampling_weights()``: the EMA). Returns the file."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
+        metadata = self.net.peft_config[self.adapter_name].to_dict()
+        StableDiffusionLoraLoaderMixin.save_lora_weights(directory, unet_lora_layers=state, weight_name=WEIGHT_NAME,
+                                                         unet_lora_adapter_metadata=metadata)
+        return Path(directory) / WEIGHT_NAME
+
+    @torch.no_grad()
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load weights written by :meth:`save_adapter` (or diffusers' ``save_lora_weights`` for a UNet adapter of the
+        same rank and targets) into this adapter; every adapter weight must be in the file, and nothing else."""
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        from peft import set_peft_model_state_dict
+
+        state, _, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            str(directory), weight_name=WEIGHT_NAME, return_lora_metadata=True)
+        prefix = StableDiffusionLoraLoaderMixin.unet_name + "."
+        ours = self.net.peft_config[self.adapter_name]
+        for key, value in (("r", ours.r), ("lora_alpha", ours.lora_alpha)):
+            saved = (metadata or {}).get(prefix + key)
+            if saved is not None and float(saved) != float(value):
+                raise ValueError(f"{directory}: the adapter was saved with {key}={saved}, this guidance has {value}")
+        other = [k for k in state if not k.startswith(prefix)]
+        if other:
+            raise ValueError(f"{directory}: holds weights for other components than the UNet, e.g. '{other[0]}'")
+        state = {k[len(prefix):]: v for k, v in state.items()}
+        expected = self.adapter_state_dict()
+        if state.keys() != expected.keys():
+            diff = sorted(state.keys() ^ expected.keys())
+            raise ValueError(f"{directory}: the adapter's weights do not match this guidance's (rank, "
+                             f"target_modules): e.g. '{diff[0]}'")
+        shapes = [k for k in state if state[k].shape != expected[k].shape]
+        if shapes:
+            raise ValueError(f"{directory}: weight '{shapes[0]}' has shape {tuple(state[shapes[0]].shape)}, this "
+                             f"guidance's {tuple(expected[shapes[0]].shape)} (guidance.rank differs)")
+        with _keep_requires_grad(self.net):
+            set_peft_model_state_dict(self.net, state, adapter_name=self.adapter_name)
+
+
+@contextlib.contextmanager
+def _keep_requires_grad(module: nn.Module):
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
