@@ -84,7 +84,7 @@ def compose(overrides: list[str]):
 
 
 def build_components(overrides: list[str]):
-    from iif.train import build
+    from iif.build import build
 
     cfg = compose(overrides)
     torch.manual_seed(cfg.seed)

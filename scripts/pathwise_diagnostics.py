@@ -31,7 +31,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from iif.train import build, compose, load_checkpoint  # noqa: E402
+from iif.build import build  # noqa: E402
+from iif.config import compose  # noqa: E402
 
 ESTIMATORS = {"analytic": False, "stl": True}
 
@@ -48,8 +49,14 @@ def components(run: Path | None, overrides: list[str]):
         trainer = state.get("state", {}).get("trainer")
         if trainer is None:
             sys.exit(f"pathwise_diagnostics: {path} holds no trained guidance (method '{state.get('method')}')")
+        # the trainer checkpoints the guidance's trainable parameters by name ("module"; "ema": their average)
+        guidance = comp.method.guidance
+        trainable = {name for name, p in guidance.named_parameters() if p.requires_grad}
         try:
-            comp.method.guidance.load_state_dict(trainer["ema"] or trainer["module"])
+            loaded = guidance.load_state_dict(trainer["ema"] or trainer["module"], strict=False)
+            missing = sorted(trainable & set(loaded.missing_keys))
+            if missing or loaded.unexpected_keys:
+                raise RuntimeError(f"missing parameters {missing[:3]}, unexpected {sorted(loaded.unexpected_keys)[:3]}")
         except RuntimeError as e:
             sys.exit(f"pathwise_diagnostics: the guidance in {path} does not fit this config's (pass the run's "
                      f"overrides, e.g. guidance=mlp): {str(e).splitlines()[0]}")
@@ -57,7 +64,8 @@ def components(run: Path | None, overrides: list[str]):
 
 
 def output_grads(comp, n: int, stl: bool, seed: int) -> list[torch.Tensor]:
-    """Per-path ``d loss_i / d h(x_t, t)`` for the steps ``t = N..1``: a list of ``[n, D]``."""
+    """Per-path ``d loss_i / d h(x_t, t)`` for the guided steps (``t = N..1``, the sampler's kernels with
+    ``guided``): a list of ``[n, *shape]``."""
     method = comp.method
     live: list[torch.Tensor] = []
 
@@ -76,17 +84,18 @@ def output_grads(comp, n: int, stl: bool, seed: int) -> list[torch.Tensor]:
     loss = (kl.float() - method.reward.log_tilt_autograd(traj.x0)).sum()  # sum: per-path gradients
     loss.backward()
     outs = live[0::2] if stl else live
-    assert len(outs) == method.sampler.n_steps
+    assert len(outs) == sum(k.guided for k in method.sampler.kernels(method.base))
     return [o.grad.detach().clone() for o in outs]
 
 
 def grad_stats(args) -> dict:
     comp = components(args.run, args.overrides)
-    times = [s.t for s in comp.method.sampler.steps(comp.base)]
+    times = [k.t for k in comp.method.sampler.kernels(comp.base) if k.guided]
     per = {}
     for name, stl in ESTIMATORS.items():
         rows = []
         for t, g in zip(times, output_grads(comp, args.batch, stl, args.seed)):
+            g = g.flatten(1)
             sq = g.pow(2).sum(1)
             top = sq.sort(descending=True).values[: max(1, len(sq) // 100)]
             noise = g.std(0).norm() / len(g) ** 0.5
@@ -121,7 +130,7 @@ def warm(args) -> dict:
             if it:
                 comp.method.fit_step(it)
             if it % args.every == 0 or it == args.iterations:
-                m, _ = comp.evaluator(comp.method, comp.target, 0)
+                m = comp.evaluator(comp.method, run_seed=0).metrics
                 curve.append({"iteration": it, **{k: m[k] for k in ("mode_tv", "top_mode_frac", "sc_loss")}})
                 print(f"{name:9s} it {it:3d}: mode_tv {m['mode_tv']:.4f}  sc_loss {m['sc_loss']:.4f}", flush=True)
         curves[name] = curve

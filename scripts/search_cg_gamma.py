@@ -15,7 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from iif.train import build, compose
+from iif.build import build
+from iif.config import compose
 
 GRID = "0.125,0.25,0.5,1,2,4,8"
 
@@ -33,7 +34,7 @@ def main() -> None:
         cfg, _ = compose([f"method={args.method}", f"method.guide.gamma={gamma}", "logger=none", *args.overrides])
         comp = build(cfg)
         comp.base.prepare()
-        metrics, _ = comp.evaluator(comp.method, comp.target)
+        metrics = comp.evaluator(comp.method).metrics
         rows.append({"gamma": gamma, **metrics})
         print(f"gamma={gamma:<6g} reward_mean={metrics['reward_mean']:.4f} mode_tv={metrics['mode_tv']:.4f}",
               flush=True)

@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from iif import device as devices
-from iif.train import build, compose, evaluate
+from iif.build import build
+from iif.config import compose
+from iif.train import evaluate
 from iif.utils import ConfigError
 
 
@@ -39,7 +41,8 @@ def test_every_tensor_is_created_on_the_device_of_its_data(overrides):
     try:
         comp.method.setup()
         row = comp.method.fit_step(1)
-        metrics, samples = evaluate(comp, seed=0)
+        result = evaluate(comp, seed=0)
+        metrics, samples = result.metrics, result.samples
     finally:
         torch.set_default_device("cpu")
     assert samples.device.type == "cpu" and torch.isfinite(samples).all()

@@ -23,7 +23,9 @@ from conftest import kill_fit_step_at
 from iif import distributed
 from iif.distributed import World
 from iif.methods.iif import IIF
-from iif.train import check_world, compose, train
+from iif.checks import check_world
+from iif.config import compose
+from iif.train import train
 from iif.utils import ConfigError
 
 # small, but long enough that training moves the model well past the tolerance (mode_tv 0.44 -> 0.40)
@@ -249,7 +251,7 @@ def test_master_port_is_shared_by_the_tasks_of_a_job_and_outside_the_ephemeral_r
 def test_sampler_rows_are_the_rows_of_the_whole_batch():
     """What one process runs with ``rows`` is exactly those rows of the whole batch (the same noises)."""
     cfg, _ = compose(["experiment=toy2d", "base_model=gmm_exact", "sampler.n_steps=20", "logger=none"])
-    from iif.train import build
+    from iif.build import build
 
     comp = build(cfg)
     sampler, guidance, base = comp.method.sampler, comp.method.guidance, comp.base
@@ -268,7 +270,7 @@ def test_iif_loss_of_the_shards_averages_to_the_loss_of_the_batch():
     """Per-process losses on equal shards (same draws) average to the whole minibatch's loss, and so do their
     gradients (what the all-reduce computes)."""
     cfg, _ = compose(["experiment=toy2d", "base_model=gmm_exact", "method=iif", "logger=none"])
-    from iif.train import build
+    from iif.build import build
 
     method = build(cfg).method
     x0 = torch.randn(8, 2)

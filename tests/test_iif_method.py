@@ -15,7 +15,7 @@ from iif.base_models.gmm_exact import GMMExact
 from iif.methods.iif import IIF, PiecewiseConstant
 from iif.rewards.gmm import GMMReward
 from iif.samplers.ddpm import DDPMSampler
-from iif.schedule import VPSchedule
+from iif.schedules.vp import VPSchedule
 from iif.targets import TiltedGMMTarget
 from iif.time_sampling import BetaTime, UniformTime
 
@@ -37,7 +37,7 @@ class Shifted(Guidance):
         self.oracle, self.delta = oracle, delta
         self.unused = torch.nn.Parameter(torch.zeros(1))  # IIF builds an optimiser over the parameters
 
-    def forward(self, x, t, x0_hat):
+    def forward(self, x, t, x0_hat, cond=None):
         return self.oracle(x, t, x0_hat) + self.delta(t)[:, None].to(x.dtype) * torch.tensor([1.0, -0.5])
 
 
@@ -77,7 +77,7 @@ def test_kl_regulariser_single_time_estimate(toy):
             super().__init__()
             self.unused = torch.nn.Parameter(torch.zeros(1))
 
-        def forward(self, x, t, x0_hat):
+        def forward(self, x, t, x0_hat, cond=None):
             return torch.tensor([0.3, -0.4]).expand_as(x)
 
     x0 = prior.sample(100_000, generator=torch.Generator().manual_seed(0)).float()
@@ -121,7 +121,8 @@ def test_fifo_buffer_keeps_newest_and_refuses_empty_draws():
     buf.add(torch.arange(4.0, 7.0)[:, None])
     assert buf.data[:, 0].tolist() == [2.0, 3.0, 4.0, 5.0, 6.0]
     torch.manual_seed(0)
-    assert set(buf.sample(1000)[:, 0].tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0}
+    x, cond = buf.sample(1000)
+    assert set(x[:, 0].tolist()) == {2.0, 3.0, 4.0, 5.0, 6.0} and cond is None
     with pytest.raises(ValueError, match="prefill"):
         FIFOBuffer(capacity=5, prefill=6)
 
@@ -129,7 +130,7 @@ def test_fifo_buffer_keeps_newest_and_refuses_empty_draws():
 def test_reward_informed_guidance_starts_at_zero_and_learns(toy):
     """Zero-initialised: the fine-tuned chain equals the base chain at step 0; both heads receive gradients."""
     prior, schedule, base, reward, target = toy
-    g = RewardInformedGuidance(2, reward)
+    g = RewardInformedGuidance(base, reward)
     x, t = torch.randn(64, 2), torch.rand(64)
     h = g(x, t, x + 0.1)
     assert torch.equal(h, torch.zeros_like(h))

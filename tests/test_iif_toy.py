@@ -12,8 +12,10 @@ import sys
 
 import pytest
 
+from iif.build import build
+from iif.config import compose
 from iif.guidance.oracle import ExactTiltGuidance
-from iif.train import build, compose, train
+from iif.train import train
 
 
 
@@ -40,8 +42,8 @@ def runs(tmp_path_factory):
     # the exact optimal h* (closed form) on the same sampler, scored by the same evaluator
     cfg, _ = compose(["base_model=gmm_exact", "logger=none", "method=base"])
     comp = build(cfg)
-    comp.method.guidance = ExactTiltGuidance(comp.prior, comp.target.mixture, comp.base.schedule)
-    out["oracle"] = comp.evaluator(comp.method, comp.target)[0]
+    comp.method.guidance = ExactTiltGuidance(comp.base.prior, comp.evaluator.target.mixture, comp.base.schedule)
+    out["oracle"] = comp.evaluator(comp.method).metrics
     return out
 
 

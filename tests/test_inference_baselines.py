@@ -7,7 +7,10 @@ import torch
 import torch.distributions as td
 
 from iif.guidance.reward_gradient import ReconstructionGuidance, RewardGradient
-from iif.train import ConfigError, build, compose, train
+from iif.build import build
+from iif.config import compose
+from iif.train import train
+from iif.utils import ConfigError
 
 MEANS = torch.tensor([[2.0, 2.0], [2.0, -2.0], [-2.0, 2.0], [-2.0, -2.0]], dtype=torch.float64)
 WEIGHTS = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)

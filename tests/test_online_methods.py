@@ -19,8 +19,9 @@ from iif.methods.vargrad import VarGrad
 from iif.rewards.base import Reward
 from iif.rewards.gmm import GMMReward
 from iif.samplers.ddpm import DDPMSampler
-from iif.schedule import VPSchedule
-from iif.train import compose, train
+from iif.schedules.vp import VPSchedule
+from iif.config import compose
+from iif.train import train
 
 FAST = ["debug=fast", "logger=none", "base_model=gmm_exact"]
 
@@ -32,7 +33,7 @@ class LinearReward(Reward):
         super().__init__()
         self.b = torch.as_tensor(b, dtype=torch.float32)
 
-    def evaluate(self, x):
+    def evaluate(self, x, cond=None):
         return x @ self.b.to(x.dtype)
 
 
@@ -44,7 +45,7 @@ class StepwiseConstant(nn.Module):
         self.n_steps = n_steps
         self.theta = nn.Parameter(0.5 * torch.randn(n_steps + 1, dim))
 
-    def forward(self, x, t, x0_hat):
+    def forward(self, x, t, x0_hat, cond=None):
         return self.theta[torch.round(t * self.n_steps).long()]
 
 
@@ -56,9 +57,19 @@ def _toy(n_steps=10, seed=0):
     return prior, reward, base, DDPMSampler(n_steps)
 
 
-def _guidance(reward):
+def _ddpm(n: int) -> dict[str, torch.Tensor]:
+    """The DDPM coefficients of the default VP path on the grid ``t_k = k/N``, computed here (index ``k = 0..N``):
+    ``alphabar_k = m(t_k)^2``, ``alpha_k = alphabar_k / alphabar_{k-1}``, ``beta_k = 1 - alpha_k``."""
+    t = torch.arange(n + 1, dtype=torch.float64) / n
+    alphabar = VPSchedule().m(t) ** 2
+    alpha = torch.ones_like(alphabar)
+    alpha[1:] = alphabar[1:] / alphabar[:-1]
+    return {"t": t, "alphabar": alphabar, "alpha": alpha, "beta": 1 - alpha}
+
+
+def _guidance(base, reward):
     from iif.guidance.reward_informed import RewardInformedGuidance
-    g = RewardInformedGuidance(2, reward, hidden=32, layers=2)
+    g = RewardInformedGuidance(base, reward, hidden=32, layers=2)
     with torch.no_grad():  # non-zero h, so that the guided and base chains differ
         for p in g.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -77,7 +88,7 @@ def test_dpok_old_log_probs_are_the_sampling_kernels():
     """The stored ``log p_old`` of each transition equals ``Normal(mu^0 + Delta, sqrt(beta))`` of the guided kernel,
     recomputed here from the base model and the guidance at the stored states with the schedule written out."""
     prior, reward, base, sampler = _toy()
-    guid = _guidance(reward)
+    guid = _guidance(base, reward)
     dpok = DPOK(base, reward, sampler, guid, n_samples=32, transitions=10_000, batch_size=16, value_batch_size=16)
     traj = sampler.sample(base, guid, 32, keep_states=True)
     rows = dpok._pack(traj, reward.log_tilt(traj.x0))
@@ -103,45 +114,53 @@ def test_am_lean_adjoint_equals_autograd_through_the_base_chain():
     """METHODS_UNIFIED.md §8 E3: ``a_t = -d r(x_0) / d x_t`` through the deterministic part of the base chain,
     ``x_{s-1} = mu^0_s(x_s) + c_s`` with the offsets ``c_s`` (guidance shift + noise) frozen at their sampled values."""
     prior, reward, base, sampler = _toy(n_steps=12)
-    guid = _guidance(reward)
+    guid = _guidance(base, reward)
     am = AdjointMatching(base, reward, sampler, guid, batch_size=8, loss_steps=4)
     traj = sampler.sample(base, guid, 8, keep_states=True)
     a = am.lean_adjoint(traj)
     n = sampler.n_steps
-    sched = VPSchedule().discretise(n)
+    sched = _ddpm(n)
     offsets = traj.states[1:] - traj.base_means  # c_s = Delta_s + sigma_s z_s
-    for i in (0, 5, n - 1):
+    assert a.shape[0] == n + 1  # the states x_N, ..., x_0 (the last row: a_0 = -grad r(x_0)/lambda)
+    for i in (0, 5, n - 1, n):
         x = traj.states[i].clone().double().requires_grad_(True)
         y = x
         for j in range(i, n):
             k = n - j
             t = torch.full((8,), k / n)
-            eps = base.predict_eps(y, t.float()).double()
-            alpha, beta, abar = sched.alpha[k], sched.beta[k], sched.alphabar[k]
+            eps = base.eps(y, t.float()).double()
+            alpha, beta, abar = sched["alpha"][k], sched["beta"][k], sched["alphabar"][k]
             y = (y - beta / (1 - abar).sqrt() * eps) / alpha.sqrt() + offsets[j].double()
         (g,) = torch.autograd.grad(-reward.gmm.log_prob(y).sum(), x)
         assert torch.allclose(a[i].double(), g, rtol=1e-3, atol=1e-5), i
 
 
-def test_am_regression_target_is_zero_at_the_optimum_for_a_constant_adjoint():
+@pytest.mark.parametrize("target", ["post", "pre"])
+def test_am_regression_target_is_zero_at_the_optimum_for_a_constant_adjoint(target):
     """With ``h = -sqrt(alpha) a`` the AM loss terms vanish: ``Delta/sigma + sigma a = 0`` (loss of the spec's
-    ``||sqrt(dt) u + std a||^2`` written with ``Delta = beta/sqrt(alpha) h``)."""
+    ``||sqrt(dt) u + std a||^2`` written with ``Delta = beta/sqrt(alpha) h``), ``a`` the adjoint the step is regressed
+    on: at the state after the step (``post``, lean-adjoint row ``i + 1``) or before it (``pre``, row ``i``)."""
     prior, reward, base, sampler = _toy(n_steps=10)
 
     class FromAdjoint(nn.Module):
-        def forward(self, x, t, x0_hat):
+        def forward(self, x, t, x0_hat, cond=None):
             return self.h
 
     guid = FromAdjoint()
-    am = AdjointMatching(base, reward, sampler, _guidance(reward), batch_size=4, loss_steps=10, clip_quantile=1.0)
+    am = AdjointMatching(base, reward, sampler, _guidance(base, reward), batch_size=4, loss_steps=10, clip_quantile=1.0,
+                         target=target)
     traj = sampler.sample(base, None, 4, keep_states=True)
-    a = am.lean_adjoint(traj)
+    a = am.lean_adjoint(traj)  # rows: the states x_N, ..., x_0
+    assert a.shape == (11, 4, 2)
     am.guidance = guid
     # the loss evaluates h at S = N steps per trajectory in a random order; feed each its own -sqrt(alpha) a
+    # (loss index i is the step k = N - i, from the state row i to the state row i + 1)
     torch.manual_seed(3)
     idx = torch.rand(4, 10).argsort(dim=1)
     cols = torch.arange(4)[:, None].expand_as(idx)
-    guid.h = (-am._alpha[idx.reshape(-1)].sqrt()[:, None] * a[idx, cols].reshape(40, 2))
+    alpha = _ddpm(10)["alpha"].float()
+    rows = idx + 1 if target == "post" else idx
+    guid.h = (-alpha[10 - idx.reshape(-1)].sqrt()[:, None] * a[rows, cols].reshape(40, 2))
     torch.manual_seed(3)
     loss, kept = am.loss(traj, a)
     assert loss.item() < 1e-10 and kept == 1.0
@@ -152,7 +171,7 @@ def test_vargrad_stepwise_gradient_equals_autograd_of_the_variance():
     """The step-at-a-time accumulation equals autograd of ``var(ell)`` with ``ell`` built over the whole
     trajectory as in [IIF 59] (discrete form of METHODS.md §7.2)."""
     prior, reward, base, sampler = _toy(n_steps=8)
-    guid = _guidance(reward)
+    guid = _guidance(base, reward)
     vg = VarGrad(base, reward, sampler, guid, batch_size=64)
     traj = sampler.sample(base, guid, 64, keep_states=True)
     log_r = reward.log_tilt(traj.x0).double()
@@ -160,11 +179,11 @@ def test_vargrad_stepwise_gradient_equals_autograd_of_the_variance():
     vg.accumulate_gradient(traj, -traj.log_rnd - log_r)
     got = [p.grad.clone() for p in guid.parameters()]
 
-    sched = VPSchedule().discretise(8)
+    sched = _ddpm(8)
     ell = -log_r
     for i, k in enumerate(range(8, 0, -1)):
         x, x_next, z = traj.states[i], traj.states[i + 1], traj.noises[i]
-        alpha, beta = float(sched.alpha[k]), float(sched.beta[k])
+        alpha, beta = float(sched["alpha"][k]), float(sched["beta"][k])
         delta = beta / math.sqrt(alpha) * guid(x, torch.full((64,), k / 8), traj.x0_hats[i])
         sg = delta.detach()
         ell = ell + ((delta * sg).sum(1) / beta - (delta ** 2).sum(1) / (2 * beta)
@@ -191,15 +210,15 @@ def test_vargrad_gradient_is_twice_the_kl_gradient_gaussian_linear():
     guid = StepwiseConstant(n, 2)
     vg = VarGrad(base, reward, sampler, guid, batch_size=2)
 
-    disc = sched.discretise(n)
-    slope = {k: (1 - float(disc.beta[k]) / (float(disc.alphabar[k]) * s2 + 1 - float(disc.alphabar[k])))
-             / math.sqrt(float(disc.alpha[k])) for k in range(1, n + 1)}  # d mu^0_k / dx for the Gaussian base
+    disc = _ddpm(n)
+    slope = {k: (1 - float(disc["beta"][k]) / (float(disc["alphabar"][k]) * s2 + 1 - float(disc["alphabar"][k])))
+             / math.sqrt(float(disc["alpha"][k])) for k in range(1, n + 1)}  # d mu^0_k / dx for the Gaussian base
     expected = torch.zeros(n + 1, 2, dtype=torch.float64)
     for k in range(1, n + 1):
-        c = float(disc.beta[k]) / math.sqrt(float(disc.alpha[k]))
+        c = float(disc["beta"][k]) / math.sqrt(float(disc["alpha"][k]))
         g_k = math.prod(slope[j] for j in range(1, k))  # x_0 depends on Delta_k through steps k-1..1
         delta = c * guid.theta[k].detach().double()
-        expected[k] = c * (delta / float(disc.beta[k]) - g_k * b.double())
+        expected[k] = c * (delta / float(disc["beta"][k]) - g_k * b.double())
 
     grads = []
     for _ in range(20):  # 20 x 20k trajectories
@@ -222,7 +241,7 @@ def test_pathwise_gradient_matches_finite_differences_of_the_sc_loss(float64_def
     of the same loss evaluated by the no-grad sampler with common random numbers, along a random direction
     (float64, so the comparison is not limited by round-off)."""
     prior, reward, base, sampler = _toy(n_steps=10)
-    guid = _guidance(reward)
+    guid = _guidance(base, reward)
     params = list(guid.parameters())
 
     def loss(differentiable: bool):
@@ -263,10 +282,10 @@ def _gaussian_linear(n: int, b=(1.0, -0.5), s2: float = 0.3):
     sched = VPSchedule()
     base = GMMExact(GMM.isotropic(mu[None], torch.ones(1), var=s2), sched)
     b = torch.tensor(b)
-    disc = sched.discretise(n)
-    beta = {k: float(disc.beta[k]) for k in range(1, n + 1)}
-    alpha = {k: float(disc.alpha[k]) for k in range(1, n + 1)}
-    slope = {k: (1 - beta[k] / (float(disc.alphabar[k]) * s2 + 1 - float(disc.alphabar[k]))) / math.sqrt(alpha[k])
+    disc = _ddpm(n)
+    beta = {k: float(disc["beta"][k]) for k in range(1, n + 1)}
+    alpha = {k: float(disc["alpha"][k]) for k in range(1, n + 1)}
+    slope = {k: (1 - beta[k] / (float(disc["alphabar"][k]) * s2 + 1 - float(disc["alphabar"][k]))) / math.sqrt(alpha[k])
              for k in range(1, n + 1)}
     g = {k: math.prod(slope[j] for j in range(1, k)) for k in range(1, n + 2)}
 
@@ -287,7 +306,7 @@ def test_stl_log_ratio_is_minus_the_log_rnd(float64_default):
     """``rsample(stl=True)`` returns ``log dP^h/dP^0`` of each path: in value, ``-log_rnd`` of the same run, and the
     control cost plus the zero-mean cross term; without ``stl`` it is not computed."""
     prior, reward, base, sampler = _toy(n_steps=10)
-    guid = _guidance(reward)
+    guid = _guidance(base, reward)
     torch.manual_seed(3)
     traj = sampler.rsample(base, guid, 64, stl=True)
     torch.manual_seed(3)
@@ -306,20 +325,23 @@ def test_pathwise_stl_gradient_matches_finite_differences_with_frozen_log_densit
     frozen shift ignored how ``x_t`` moves, or a flipped sign, would differ."""
     import copy
 
-    prior, reward, base, sampler = _toy(n_steps=10)
-    guid = _guidance(reward)
+    n = 10
+    prior, reward, base, sampler = _toy(n_steps=n)
+    guid = _guidance(base, reward)
     frozen = copy.deepcopy(guid)
     params = list(guid.parameters())
+    disc = _ddpm(n)
 
     def reference_loss() -> float:  # paths of the current guid; log-density of the frozen copy (theta_0)
         torch.manual_seed(7)
         traj = sampler.sample(base, guid, 64, keep_states=True)
         total = -reward.log_tilt(traj.x0).double()
-        for i, step in enumerate(sampler.steps(base)):
+        for i, k in enumerate(range(n, 0, -1)):
             x, x_next = traj.states[i], traj.states[i + 1]
             s = x_next - traj.base_means[i]  # x_{t-1} - mu^0(x_t)
-            d = step.shift(frozen(x, step.times(x.shape[0], x.dtype), traj.x0_hats[i]))
-            total = total + ((s ** 2).sum(1) - ((s - d) ** 2).sum(1)) / (2 * step.beta)
+            beta, alpha = float(disc["beta"][k]), float(disc["alpha"][k])
+            d = beta / math.sqrt(alpha) * frozen(x, torch.full((x.shape[0],), k / n, dtype=x.dtype), traj.x0_hats[i])
+            total = total + ((s ** 2).sum(1) - ((s - d) ** 2).sum(1)) / (2 * beta)
         return total.mean().item()
 
     torch.manual_seed(7)
@@ -416,7 +438,7 @@ def test_method_runs_and_resumes_to_the_same_result(tmp_path, monkeypatch, metho
 
 @pytest.mark.parametrize("method", ["pathwise", "am"])
 def test_gradient_methods_refuse_a_black_box_reward_at_start_up(tmp_path, method):
-    from iif.train import ConfigError
+    from iif.utils import ConfigError
     cfg, choices = compose([*FAST, f"method={method}", "reward=gmm_blackbox", "guidance=mlp"])
     with pytest.raises(ConfigError, match=f"method '{method}' needs differentiable reward.*reward 'gmm_blackbox'"):
         train(cfg, tmp_path / "r", choices)
@@ -435,8 +457,8 @@ def test_value_only_methods_run_with_a_black_box_reward(tmp_path, method):
 def test_methods_needing_base_vjps_refuse_a_base_without_them(tmp_path, monkeypatch):
     """A base model that cannot be differentiated in x (e.g. a compiled or remote model) cannot serve AM or the
     pathwise method; the error names the method and the base model."""
-    from iif.train import ConfigError
-    monkeypatch.setattr(GMMExact, "provides", frozenset({"per_step_kernels"}))
+    from iif.utils import ConfigError
+    monkeypatch.setattr(GMMExact, "provides", frozenset())
     cfg, choices = compose([*FAST, "method=am"])
     with pytest.raises(ConfigError, match="method 'am' needs differentiable base.*base_model 'gmm_exact'"):
         train(cfg, tmp_path / "r", choices)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from iif.train import compose, train
+from iif.config import compose
+from iif.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = ["base_model=gmm_exact", "sampler.n_steps=20", "evaluation.n_samples=1000", "evaluation.n_energy=256"]

@@ -1,4 +1,4 @@
-"""Tests of the VP schedule, the exact GMM base model and the DDPM sampler's path log-RND.
+"""Tests of the VP schedule, the exact GMM base model, the DDPM sampler's kernels and its path log-RND.
 
 References: numerical integration (scipy.integrate.quad) of beta(t); torch.distributions mixtures with the noised
 covariances (scores by autograd); the Tweedie posterior mean of a Gaussian mixture in closed form;
@@ -19,7 +19,7 @@ from iif.base_models.gmm_exact import GMMExact
 from iif.gmm import GMM
 from iif.guidance.base import Guidance
 from iif.samplers.ddpm import DDPMSampler, log_rnd_increment
-from iif.schedule import VPSchedule
+from iif.schedules import RectifiedFlow, VPSchedule
 
 DT = torch.float64
 B_MIN, B_MAX = 0.1, 20.0
@@ -32,7 +32,7 @@ def _m_quad(t: float, b_min: float = B_MIN, b_max: float = B_MAX) -> float:
 
 
 def _m_closed(t):
-    """The VP mean coefficient written out here (not taken from iif.schedule)."""
+    """The VP mean coefficient written out here (not taken from iif.schedules)."""
     return torch.exp(-0.25 * t ** 2 * (B_MAX - B_MIN) - 0.5 * t * B_MIN)
 
 
@@ -65,19 +65,27 @@ def test_schedule_v_small_t_is_accurate():
 
 
 @pytest.mark.parametrize("n", [1, 5, 100])
-def test_discretise(n):
-    """discretise(N): t_k = k/N, alphabar_k = m(k/N)^2 (m by quadrature), alphabar_0 = 1,
-    prod_{j<=k} alpha_j == alphabar_k, beta = 1 - alpha in (0, 1)."""
-    d = VPSchedule(B_MIN, B_MAX).discretise(n)
-    assert d.n_steps == n
-    torch.testing.assert_close(d.t, torch.arange(n + 1, dtype=DT) / n)
+def test_grid_and_ddpm_kernels(n):
+    """The VP grid and the DDPM sampler's kernels on it: t_k = k/N, alphabar_k = m(k/N)^2 (m by quadrature),
+    alphabar_0 = 1; kernel k (listed N..1) spans t_k -> t_{k-1}, prod_{j<=k} alpha_j == alphabar_k,
+    beta = 1 - alpha in (0, 1)."""
+    sched = VPSchedule(B_MIN, B_MAX)
+    t = sched.grid(n)
+    assert t.shape == (n + 1,) and t.dtype == DT
+    torch.testing.assert_close(t, torch.arange(n + 1, dtype=DT) / n)
+    abar = sched.alphabar(t)
     ab_ref = torch.tensor([_m_quad(k / n) ** 2 for k in range(n + 1)], dtype=DT)
-    torch.testing.assert_close(d.alphabar, ab_ref, rtol=1e-11, atol=0)
-    assert float(d.alphabar[0]) == 1.0
-    cum = torch.cumprod(d.alpha[1:], 0)
-    torch.testing.assert_close(cum, d.alphabar[1:], rtol=1e-12, atol=0)
-    torch.testing.assert_close(d.beta[1:], 1 - d.alpha[1:], rtol=0, atol=1e-15)
-    assert ((d.beta[1:] > 0) & (d.beta[1:] < 1)).all()
+    torch.testing.assert_close(abar, ab_ref, rtol=1e-11, atol=0)
+    assert float(abar[0]) == 1.0
+    kernels = DDPMSampler(n).kernels(GMMExact(_priors()["iso"], sched))
+    assert [k.k for k in kernels] == list(range(n, 0, -1))
+    assert [(k.t, k.s) for k in kernels] == [(float(t[k]), float(t[k - 1])) for k in range(n, 0, -1)]
+    alpha = torch.tensor([k.alpha for k in kernels[::-1]], dtype=DT)  # k = 1..N
+    beta = torch.tensor([k.beta for k in kernels[::-1]], dtype=DT)
+    torch.testing.assert_close(torch.tensor([k.abar for k in kernels[::-1]], dtype=DT), ab_ref[1:], rtol=1e-11, atol=0)
+    torch.testing.assert_close(torch.cumprod(alpha, 0), abar[1:], rtol=1e-12, atol=0)
+    torch.testing.assert_close(beta, 1 - alpha, rtol=0, atol=1e-15)
+    assert ((beta > 0) & (beta < 1)).all()
 
 
 def test_schedule_invalid():
@@ -87,7 +95,11 @@ def test_schedule_invalid():
     with pytest.raises(ValueError):
         VPSchedule(2.0, 1.0)
     with pytest.raises(ValueError):
-        VPSchedule().discretise(0)
+        VPSchedule().grid(0)
+    with pytest.raises(ValueError):
+        VPSchedule().grid(4, spacing="sideways")
+    with pytest.raises(ValueError):
+        DDPMSampler(4, last_step="sometimes")
     with pytest.raises(ValueError):
         DDPMSampler(0)
 
@@ -187,12 +199,12 @@ class _MLPGuidance(Guidance):
             for p in self.net.parameters():
                 p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
-    def forward(self, x, t, x0_hat):
+    def forward(self, x, t, x0_hat, cond=None):
         return self.net(torch.cat([x, x0_hat, t[:, None]], -1))
 
 
 class _ZeroGuidance(Guidance):
-    def forward(self, x, t, x0_hat):
+    def forward(self, x, t, x0_hat, cond=None):
         return torch.zeros_like(x)
 
 
@@ -209,18 +221,21 @@ class _LinearGuidance(Guidance):
     def c(self, t):
         return self.c0 + self.c1 * t
 
-    def forward(self, x, t, x0_hat):
+    def forward(self, x, t, x0_hat, cond=None):
         return self.a(t)[:, None] * x + self.c(t)[:, None]
 
 
-def _recompute_log_rnd(base, guidance, states, n_steps):
+def _recompute_log_rnd(base, guidance, states, n_steps, n_guided=None):
     """sum_k log N(x_{k-1}; mu0(x_k), beta_k I) - log N(x_{k-1}; mu0(x_k) + Delta(x_k), beta_k I) from the stored
-    states, with the schedule written out here (alphabar_k = m(k/N)^2) and the base's eps at the stored states."""
+    states, with the schedule written out here (alphabar_k = m(k/N)^2) and the base's eps at the stored states;
+    over the first ``n_guided`` steps (k = N..N-n_guided+1; default all N)."""
     t_grid = torch.arange(n_steps + 1, dtype=DT) / n_steps
     ab = _m_closed(t_grid) ** 2
     total = torch.zeros(states.shape[1], dtype=DT)
     cost = torch.zeros(states.shape[1], dtype=DT)
     for i, k in enumerate(range(n_steps, 0, -1)):
+        if n_guided is not None and i >= n_guided:
+            break
         x, x_next = states[i], states[i + 1]
         alpha = ab[k] / ab[k - 1]
         beta = 1 - alpha
@@ -367,3 +382,95 @@ def test_unguided_chain_matches_exact_linear_gaussian_marginal(float64_default):
     mean0, var0 = float(p_0.mean[-1]), float(p_0.covariance_matrix[-1, -1])
     assert abs(float(x0.mean()) - mean0) < 4 * math.sqrt(var0 / n)
     assert abs(float(x0.var()) - var0) < 4 * var0 * math.sqrt(2 / n)
+
+
+# ---------------------------------------------------------------------------------------------- DDPM kernels
+def test_ddpm_kernels_reproduce_the_vp_step_maths():
+    """For the VP path and N = 7, kernel k (t_k = k/N) has, with m written out here:
+    alpha_k = m(t_k)^2 / m(t_{k-1})^2, beta_k = 1 - alpha_k, alphabar_k = m(t_k)^2,
+    base_mean(x, eps) = (x - beta_k / sqrt(1 - alphabar_k) eps) / sqrt(alpha_k), shift_coef = beta_k / sqrt(alpha_k),
+    std = sqrt(beta_k), var = beta_k, and is guided (the DDPM step maths of the sampler before kernels)."""
+    n = 7
+    base = GMMExact(_priors()["general"], VPSchedule(B_MIN, B_MAX))
+    kernels = DDPMSampler(n).kernels(base)
+    assert len(kernels) == n and DDPMSampler(n).steps(base)[0].t == kernels[0].t
+    gen = torch.Generator().manual_seed(50)
+    x = torch.randn(16, 2, dtype=DT, generator=gen)
+    eps = torch.randn(16, 2, dtype=DT, generator=gen)
+    h = torch.randn(16, 2, dtype=DT, generator=gen)
+    for kern, k in zip(kernels, range(n, 0, -1)):
+        t_k, t_prev = torch.tensor(k / n, dtype=DT), torch.tensor((k - 1) / n, dtype=DT)
+        abar = _m_closed(t_k) ** 2
+        alpha = abar / _m_closed(t_prev) ** 2
+        beta = 1 - alpha
+        assert kern.k == k and kern.t == k / n and kern.s == (k - 1) / n
+        assert kern.alpha == pytest.approx(float(alpha), rel=1e-15, abs=0)
+        assert kern.beta == pytest.approx(float(beta), rel=1e-14, abs=0)
+        assert kern.abar == pytest.approx(float(abar), rel=1e-15, abs=0)
+        assert kern.shift_coef == pytest.approx(float(beta / alpha.sqrt()), rel=1e-14, abs=0)
+        assert kern.std == pytest.approx(float(beta.sqrt()), rel=1e-14, abs=0)
+        assert kern.var == pytest.approx(float(beta), rel=1e-14, abs=0)
+        assert kern.guided is True
+        ref = (x - beta / torch.sqrt(1 - abar) * eps) / torch.sqrt(alpha)
+        torch.testing.assert_close(kern.base_mean(x, eps), ref, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(kern.shift(h), beta / torch.sqrt(alpha) * h, rtol=1e-14, atol=1e-14)
+        torch.testing.assert_close(kern.times(3, DT), torch.full((3,), k / n, dtype=DT), rtol=0, atol=0)
+
+
+def test_ddpm_noiseless_last_step_is_the_unguided_tweedie_step(float64_default):
+    """DDPMSampler(last_step="noiseless"): the last kernel (k = 1) has std 0 and is unguided, so x_0 is the base's
+    Tweedie estimate at t_1 given x_1 (here with m, v written out), its noise is 0, the steps before it are those of
+    the default sampler (same draws), and the log-RND is the sum over the first N - 1 steps only (recomputed from
+    the stored states with Gaussian densities, and from the stored noises)."""
+    n_steps, n = 9, 64
+    base = GMMExact(_priors()["general"], VPSchedule(B_MIN, B_MAX))
+    sampler = DDPMSampler(n_steps, last_step="noiseless")
+    kernels = sampler.kernels(base)
+    assert kernels[-1].k == 1 and kernels[-1].std == 0 and kernels[-1].var == 0 and kernels[-1].guided is False
+    assert all(k.guided and k.std > 0 for k in kernels[:-1])
+    guid = _MLPGuidance(seed=51)
+    torch.manual_seed(52)
+    traj = sampler.sample(base, guid, n, keep_states=True)
+    torch.manual_seed(52)
+    noisy = DDPMSampler(n_steps).sample(base, guid, n, keep_states=True)
+    # the first N - 1 steps are the default sampler's
+    torch.testing.assert_close(traj.states[:-1], noisy.states[:-1], rtol=0, atol=0)
+    assert torch.equal(traj.noises[-1], torch.zeros_like(traj.noises[-1]))
+    # x_0 = E[x_0 | x_1] of the base: (x_1 - v(t_1) eps(x_1, t_1)) / m(t_1)
+    x1 = traj.states[-2]
+    t1 = torch.full((n,), 1 / n_steps, dtype=DT)
+    m1 = _m_closed(torch.tensor(1 / n_steps, dtype=DT))
+    tweedie = (x1 - torch.sqrt(1 - m1 ** 2) * base.eps(x1, t1)) / m1
+    torch.testing.assert_close(traj.x0, tweedie, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(traj.x0_hats[-1], tweedie, rtol=1e-10, atol=1e-10)
+    assert (traj.x0 - noisy.x0).abs().max() > 1e-2  # the default sampler's last step differs (noise, guidance)
+    # the log-RND of the first N - 1 steps, from the states
+    ref, cost = _recompute_log_rnd(base, guid, traj.states, n_steps, n_guided=n_steps - 1)
+    assert ref.abs().mean() > 0.1
+    torch.testing.assert_close(traj.log_rnd, ref, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(traj.control_cost, cost, rtol=1e-10, atol=1e-12)
+    # ... and from the noises: -sum_k ||Delta_k||^2 / (2 beta_k) + <Delta_k, z_k> / sqrt(beta_k)
+    t_grid = torch.arange(n_steps + 1, dtype=DT) / n_steps
+    ab = _m_closed(t_grid) ** 2
+    from_noises = torch.zeros(n, dtype=DT)
+    for i, k in enumerate(range(n_steps, 1, -1)):
+        x = traj.states[i]
+        beta = 1 - ab[k] / ab[k - 1]
+        t = torch.full((n,), float(t_grid[k]))
+        delta = beta / torch.sqrt(1 - beta) * guid(x, t, base.x0_hat(x, t, base.eps(x, t)))
+        from_noises -= (delta ** 2).sum(-1) / (2 * beta) + (delta * traj.noises[i]).sum(-1) / torch.sqrt(beta)
+    torch.testing.assert_close(traj.log_rnd, from_noises, rtol=1e-9, atol=1e-9)
+    # the last step would have added -||Delta_1||^2 / (2 beta_1) had it been counted: not negligible here
+    x = traj.states[-2]
+    beta1 = 1 - ab[1]
+    delta1 = beta1 / torch.sqrt(1 - beta1) * guid(x, t1, base.x0_hat(x, t1, base.eps(x, t1)))
+    assert ((delta1 ** 2).sum(-1) / (2 * beta1)).mean() > 1e-3
+
+
+def test_ddpm_refuses_a_path_that_is_not_variance_preserving():
+    """DDPM's kernels need alpha^2 + sigma^2 = 1; on rectified flow the sampler says to use ddim."""
+    base = GMMExact(_priors()["iso"], RectifiedFlow())
+    with pytest.raises(ValueError, match="ddim"):
+        DDPMSampler(5).kernels(base)
+    with pytest.raises(ValueError, match="ddim"):
+        DDPMSampler(5).sample(base, None, 4)
