@@ -26,16 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 SNIPPET = r"""
-import json, sys, time, torch
+import json, os, sys, time, torch
 torch.set_num_threads(1)
-try:
+# iif is a namespace package: the editable install adds this checkout's iif/ after the tree's own, so choose the
+# module by what the tree (the working directory) holds, not by what imports
+if os.path.exists("iif/build.py"):
     from iif.build import build
-except ImportError:
-    from iif.train import build
-try:
     from iif.config import compose
-except ImportError:
-    from iif.train import compose
+else:
+    from iif.train import build, compose
 cfg, _ = compose(["experiment=toy2d", "method=iif", "base_model=gmm_exact", "logger=none"] + sys.argv[2:])
 torch.manual_seed(0)
 comp = build(cfg)

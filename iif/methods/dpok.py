@@ -96,12 +96,13 @@ class DPOK(FineTuned):
         self.value_trainer = Trainer(self.value, value_optimizer)
         self.transitions = FIFOBuffer(capacity=transitions, prefill=0)
         # per-step kernel coefficients indexed by k = N..1 (index 0 unused): time, variance, shift coefficient
+        # (a deterministic, unguided step, e.g. DDIM's last, has no policy: its transitions are not stored)
         kernels = sampler.kernels(base)[::-1]
-        if not all(k.guided and k.std > 0 for k in kernels):
-            raise ValueError("method 'dpok' needs a sampler whose every step is a guided Gaussian kernel "
-                             "(sampler=ddpm with last_step=noise)")
-        self._t, self._var, self._coef = (torch.tensor([0.0] + [getattr(k, a) for k in kernels], dtype=torch.float64)
-                                          .float().to(base.device) for a in ("t", "var", "shift_coef"))
+        self._controlled = torch.tensor([False] + [k.guided and k.std > 0 for k in kernels], device=base.device)
+        self._t, self._var, self._coef = (torch.tensor([0.0] + [getattr(k, a) if k.std > 0 else 1.0 for k in kernels],
+                                                       dtype=torch.float64).float().to(base.device)
+                                          for a in ("t", "var", "shift_coef"))
+        self._t[1:] = torch.tensor([k.t for k in kernels], dtype=torch.float64).float()
 
     # ------------------------------------------------------------------ transitions, packed as rows
     def _pack(self, traj, log_r: Tensor) -> Tensor:
@@ -115,10 +116,13 @@ class DPOK(FineTuned):
         old_mean = x_prev - var.sqrt()[..., None] * traj.noises.reshape(n_steps, n, self.dim)  # mu^0 + Delta
         log_p_old = gaussian_log_prob(flat(x_prev), flat(old_mean), var.sqrt().reshape(-1))
         kl = ((old_mean - traj.base_means.reshape(n_steps, n, self.dim)) ** 2).sum(-1) / (2 * var)  # [N, n]
+        controlled = self._controlled[k.long()]
+        kl = kl * controlled.view(n_steps, n)
         later = kl.flip(0).cumsum(0).flip(0) - kl  # row i (step k = N - i): sum over the rows after i
-        return torch.cat([flat(traj.states[:-1]), flat(traj.x0_hats), flat(traj.base_means), flat(x_prev),
+        rows = torch.cat([flat(traj.states[:-1]), flat(traj.x0_hats), flat(traj.base_means), flat(x_prev),
                           k[:, None], log_p_old[:, None], log_r.float().repeat(n_steps)[:, None],
                           later.reshape(-1, 1)], dim=1)
+        return rows if bool(controlled.all()) else rows[controlled]
 
     def _unpack(self, rows: Tensor):
         """``(x_k, x0_hat_k, mu^0_k, x_{k-1}, k, log p_old, r/lambda)`` of packed rows."""
@@ -155,6 +159,9 @@ class DPOK(FineTuned):
         log_r = self.reward.log_tilt(traj.x0, traj.cond)
         n_steps = traj.noises.shape[0]
         cond = None if traj.cond is None else traj.cond.repeat(n_steps, *([1] * (traj.cond.dim() - 1)))
+        if cond is not None:  # the conditions of the stored (controlled) steps' transitions
+            k = torch.arange(n_steps, 0, -1, device=cond.device).repeat_interleave(traj.x0.shape[0])
+            cond = cond[self._controlled.to(cond.device)[k]]
         self.transitions.add(self._pack(traj, log_r), cond)
         # 2. value network: V(x_k, t_k) ~ G_k
         v_losses = []
