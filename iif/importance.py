@@ -1,4 +1,4 @@
-"""Importance weights and the relaxed rejection step with an adaptive constant (METHODS.md §3).
+"""Importance weights and the relaxed rejection step with an adaptive constant (docs/methods.md §3).
 
 ``log w_i = r(x_0^i)/lambda + log RND_i``; each sample is kept with probability ``alpha_i = min(1, w_i / c)``;
 ``c`` is chosen so that the expected acceptance rate ``G(log c) = mean_i exp(min(0, log w_i - log c))``
@@ -24,7 +24,7 @@ def expected_acceptance(log_w: Tensor, log_c: float | Tensor) -> Tensor:
 
 
 def solve_log_c(log_w: Tensor, rho: float) -> float:
-    """Exact ``log c`` with ``G(log c) = rho`` (sort-based, no iteration; METHODS.md §3.3).
+    """Exact ``log c`` with ``G(log c) = rho`` (sort-based, no iteration; docs/methods.md §3.3).
 
     Sort ``l_(1) >= ... >= l_(N)``. If ``k`` samples have ``alpha = 1`` then
     ``G = (k + exp(-log c) sum_{j>k} exp(l_(j))) / N``, so ``log c_k = logsumexp_{j>k} l_(j) - log(N rho - k)``;
@@ -62,7 +62,7 @@ def solve_log_c(log_w: Tensor, rho: float) -> float:
 
 
 def solve_log_c_bisection(log_w: Tensor, rho: float, tol: float = 1e-10, max_iter: int = 10_000) -> float:
-    """Reference solver: bracket, then bisect ``G(l) = rho`` (Hertrich & Gruhlke, METHODS.md §3.3 steps 1–4)."""
+    """Reference solver: bracket, then bisect ``G(l) = rho`` (Hertrich & Gruhlke, docs/methods.md §3.3 steps 1–4)."""
     _check_rate(rho)
     lw = log_w.detach().to(torch.float64)
     lo = hi = float(lw.mean())

@@ -18,7 +18,7 @@ Tensor = torch.Tensor
 
 
 class UniformTime:
-    """``t ~ U(t_min, 1)`` (the usual choice, METHODS.md §4.1)."""
+    """``t ~ U(t_min, 1)`` (the usual choice, docs/methods.md §4.1)."""
 
     def __init__(self, t_min: float = 1e-3):
         if not 0 <= t_min < 1:

@@ -51,6 +51,7 @@ def test_bad_size_is_a_config_error_naming_the_key(tmp_path, monkeypatch, overri
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,message", [BAD_SIZES[0], BAD_SIZES[4]], ids=["n_samples", "capacity"])
 def test_bad_size_on_the_command_line(tmp_path, cli_env, override, message):
     """Through the CLI: exit status 2, stderr is exactly one line `iif-train: error: <message>`, no run directory."""
@@ -61,6 +62,7 @@ def test_bad_size_on_the_command_line(tmp_path, cli_env, override, message):
     assert not run_dir.exists()
 
 
+@pytest.mark.slow
 def test_empty_buffer_is_one_clear_line(tmp_path, cli_env):
     """buffer.prefill=0 with an acceptance rate so low that, with N=256 samples, P(nothing accepted) ~ 1 - 256e-12:
     allowed at start-up (no acceptance rate guarantees a sample), but when the first minibatch finds the buffer

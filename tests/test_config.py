@@ -44,6 +44,7 @@ def leaves(cfg, prefix: str = "") -> dict:
     return dict(walk(OmegaConf.to_container(cfg, resolve=False), prefix))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 @pytest.mark.parametrize("base_model", BASE_MODELS)
 def test_debug_fast_only_sets_keys_the_composition_has(experiment, base_model):
@@ -75,6 +76,7 @@ def test_debug_files_name_existing_options():
         assert preset in presets and (CONF_DIR / path.parent.name / f"{option}.yaml").exists(), path
 
 
+@pytest.mark.slow
 def test_cfg_job_prints_what_runs():
     """`iif-train --cfg job debug=fast` prints the debug sizes (composed by Hydra, not patched in afterwards)."""
     proc = subprocess.run([sys.executable, "-m", "iif.train", "--cfg", "job", "experiment=toy2d", "debug=fast",

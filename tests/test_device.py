@@ -76,6 +76,7 @@ def test_unusable_device_is_one_clear_error(spec, message):
     assert devices.resolve("cpu") == torch.device("cpu")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
 def test_cli_device_cuda_without_a_gpu_stops_before_anything_is_written(tmp_path, cli_env):
     run = tmp_path / "run"

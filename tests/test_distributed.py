@@ -28,6 +28,8 @@ from iif.config import compose
 from iif.train import train
 from iif.utils import ConfigError
 
+pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minutes; `make test` runs it
+
 # small, but long enough that training moves the model well past the tolerance (mode_tv 0.44 -> 0.40)
 ARGS = ["experiment=toy2d", "method=iif", "base_model=gmm_exact", "iterations=4", "checkpoint_every=1", "logger=none",
         "torch_threads=1", "method.n_samples=1024", "method.batch_size=512", "method.grad_steps=30",

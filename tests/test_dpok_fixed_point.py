@@ -33,6 +33,8 @@ from iif.rewards.base import Reward
 from iif.samplers.ddpm import DDPMSampler
 from iif.schedules.vp import VPSchedule
 
+pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minutes; `make test` runs it
+
 MU, S2, B, LAM, N, D = (0.5, -1.0), 0.3, (1.0, -0.5), 0.5, 10, 2
 BETA_MIN, BETA_MAX = 0.1, 20.0
 BATCHES, PATHS = 40, 10_000  # the direction is estimated on each batch of PATHS trajectories (N x PATHS transitions)

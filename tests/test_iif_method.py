@@ -46,6 +46,7 @@ def _method(toy, guidance, **kw):
     return IIF(base, reward, DDPMSampler(10), guidance, FIFOBuffer(10, 0), n_samples=8, **kw)
 
 
+@pytest.mark.slow
 def test_score_matching_excess_loss_is_weighted_distance_to_h_star(toy):
     """L(h) - L(h*) = E ||v(t) (h - h*)||^2 on target samples (the cross term has mean 0 only at h = h*)."""
     prior, schedule, base, reward, target = toy

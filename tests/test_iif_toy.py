@@ -17,6 +17,8 @@ from iif.config import compose
 from iif.guidance.oracle import ExactTiltGuidance
 from iif.train import train
 
+pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minutes; `make test` runs it
+
 
 
 @pytest.fixture(scope="module")

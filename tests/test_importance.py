@@ -1,4 +1,4 @@
-"""Tests of the adaptive constant c and the relaxed rejection step (METHODS.md §3.2–3.3).
+"""Tests of the adaptive constant c and the relaxed rejection step (docs/methods.md §3.2–3.3).
 
 References: the expected acceptance G(l) = mean_i min(1, exp(l_i - l)) evaluated here with numpy (long double
 sums), an explicit loop, a bisection written in this file, and empirical frequencies of many seeded draws.

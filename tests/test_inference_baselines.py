@@ -52,6 +52,7 @@ def test_reconstruction_guidance_matches_finite_differences():
     assert torch.allclose(guide(x, t, x), 0.5 * fd, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_topk_reward_law_is_the_max_of_k_base_draws():
     """E[r] of best-of-K equals E[max of K iid base rewards], from the empirical CDF of an independent base sample:
     E[max_K] = sum_i r_(i) ((i/n)^K - ((i-1)/n)^K)."""

@@ -7,12 +7,15 @@ traced (``IIF_FAULT_TRACE``), so the test sees where it died. The file states af
 are read from the run directories themselves."""
 from __future__ import annotations
 
+import pytest
 import importlib.util
 import json
 import signal
 from pathlib import Path
 
 import torch
+
+pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minutes; `make test` runs it
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("kill_test", ROOT / "scripts" / "kill_test.py")

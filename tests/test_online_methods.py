@@ -111,7 +111,7 @@ def test_dpok_old_log_probs_are_the_sampling_kernels():
 
 # ---------------------------------------------------------------------------------------------- AM
 def test_am_lean_adjoint_equals_autograd_through_the_base_chain():
-    """METHODS_UNIFIED.md §8 E3: ``a_t = -d r(x_0) / d x_t`` through the deterministic part of the base chain,
+    """docs/methods.md §U8 E3: ``a_t = -d r(x_0) / d x_t`` through the deterministic part of the base chain,
     ``x_{s-1} = mu^0_s(x_s) + c_s`` with the offsets ``c_s`` (guidance shift + noise) frozen at their sampled values."""
     prior, reward, base, sampler = _toy(n_steps=12)
     guid = _guidance(base, reward)
@@ -169,7 +169,7 @@ def test_am_regression_target_is_zero_at_the_optimum_for_a_constant_adjoint(targ
 # ---------------------------------------------------------------------------------------------- VarGrad
 def test_vargrad_stepwise_gradient_equals_autograd_of_the_variance():
     """The step-at-a-time accumulation equals autograd of ``var(ell)`` with ``ell`` built over the whole
-    trajectory as in [IIF 59] (discrete form of METHODS.md §7.2)."""
+    trajectory as in [IIF 59] (discrete form of docs/methods.md §7.2)."""
     prior, reward, base, sampler = _toy(n_steps=8)
     guid = _guidance(base, reward)
     vg = VarGrad(base, reward, sampler, guid, batch_size=64)
@@ -198,7 +198,7 @@ def test_vargrad_gradient_is_twice_the_kl_gradient_gaussian_linear():
     """Gaussian base ``N(mu, s^2 I)``, linear reward ``<b, x>``, state-independent ``h = theta_k``: the chain is
     linear-Gaussian, ``KL(P^h||P^tilt) = sum_k ||Delta_k||^2 / (2 beta_k) - <b, E_h x_0> + log Z`` with
     ``E_h x_0 = E_0 x_0 + sum_k G_k Delta_k``, ``G_k`` the product of the base-mean slopes of the later steps
-    (METHODS_UNIFIED.md §9.1). The VarGrad gradient at ``v = h`` must be twice its gradient."""
+    (docs/methods.md §U9.1). The VarGrad gradient at ``v = h`` must be twice its gradient."""
     torch.manual_seed(0)
     n, mu, s2 = 6, torch.tensor([0.5, -1.0]), 0.3
     prior = GMM.isotropic(mu[None], torch.ones(1), var=s2)
@@ -273,7 +273,7 @@ def test_pathwise_gradient_matches_finite_differences_of_the_sc_loss(float64_def
 
 def _gaussian_linear(n: int, b=(1.0, -0.5), s2: float = 0.3):
     """Gaussian base ``N(mu, s^2 I)`` on an ``n``-step chain, linear reward ``<b, x>``, and the closed forms of
-    METHODS_UNIFIED.md §9.1 for a state-independent ``h = theta_k``: the base-mean slopes give ``G_k`` (how
+    docs/methods.md §U9.1 for a state-independent ``h = theta_k``: the base-mean slopes give ``G_k`` (how
     ``x_0`` moves with the shift ``Delta_k``), ``dKL/dtheta_k = c_k (Delta_k / beta_k - G_k b)`` with
     ``c_k = beta_k / sqrt(alpha_k)``, the optimum ``theta*_k = sqrt(alpha_k) G_k b`` (the tilted path measure given
     ``x_N``), and ``G_{N+1}``, the slope of ``E[x_0 | x_N]``, so that
@@ -416,6 +416,7 @@ def test_pathwise_stl_gradient_vanishes_path_by_path_at_the_optimum(float64_defa
 
 
 # ---------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["pathwise", "vargrad", "dpok", "am"])
 def test_method_runs_and_resumes_to_the_same_result(tmp_path, monkeypatch, method):
     """A few iterations end to end; a run killed after iteration 1 and resumed ends identical to a straight run

@@ -12,6 +12,8 @@ import pytest
 from iif.config import compose
 from iif.train import train
 
+pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minutes; `make test` runs it
+
 ROOT = Path(__file__).resolve().parent.parent
 SIZES = ["base_model=gmm_exact", "sampler.n_steps=20", "evaluation.n_samples=1000", "evaluation.n_energy=256"]
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minutes; `make test` runs it
+
 FAKE_WANDB_KEY = "fake-key-0123456789abcdef0123456789abcdef01234567"
 FAKE_OTHER = "hf_FAKESECRETzyxwvut9876543210"  # e.g. a Hugging Face token in the environment
 SECRETS = (FAKE_WANDB_KEY, FAKE_OTHER)

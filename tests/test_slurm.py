@@ -32,7 +32,7 @@ from hydra import initialize_config_dir
 from iif.launch import LaunchChecks
 from iif.config import CONF_DIR
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parent.parent
 START, STOP = ROOT / "scripts" / "start_local_slurm.sh", ROOT / "scripts" / "stop_local_slurm.sh"

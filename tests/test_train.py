@@ -62,6 +62,7 @@ def test_every_option_composes_and_builds(group, option):
     assert comp.method is not None and comp.evaluator is not None
 
 
+@pytest.mark.slow
 def test_cli_run_writes_run_directory(tmp_path, cli_env):
     """`python -m iif.train` with hydra.run.dir: resolved config, JSON-lines log, metrics.json, figure, checkpoint."""
     run_dir = tmp_path / "run"
@@ -78,6 +79,7 @@ def test_cli_run_writes_run_directory(tmp_path, cli_env):
     assert "n_samples: 256" in (run_dir / "config.yaml").read_text()  # debug=fast applied and saved resolved
 
 
+@pytest.mark.slow
 def test_cli_sweep_with_toy2d_pretraining(tmp_path, cli_env):
     """`-m method=iif,reward_only seed=0,1`: four run directories, each complete; toy2d pretrains once (cached)."""
     sweep = tmp_path / "sweep"
@@ -130,6 +132,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, monkeypatch):
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused_and_leaves_the_run_intact(tmp_path, cli_env):
     """A run directory resumes only under the settings its checkpoint was written with: another learning rate (or
     estimator, seed, number of iterations...) would continue this run's weights under a config that did not produce
@@ -161,6 +164,7 @@ def test_config_changes_lists_differences_outside_the_free_keys():
     assert config_changes(saved, saved) == []
 
 
+@pytest.mark.slow
 def test_unknown_option_is_one_clear_error(tmp_path, cli_env):
     proc = run_cli(["method=nope", *FAST[:2], f"hydra.run.dir={tmp_path / 'r'}"], cli_env, check=False)
     assert proc.returncode != 0
@@ -168,11 +172,13 @@ def test_unknown_option_is_one_clear_error(tmp_path, cli_env):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.slow
 def test_misspelt_key_is_one_clear_error(tmp_path, cli_env):
     proc = run_cli(["method.n_sampels=3", *FAST, f"hydra.run.dir={tmp_path / 'r'}"], cli_env, check=False)
     assert proc.returncode != 0 and "n_sampels" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rate", ["-0.1", "0", "1.5"])
 def test_acceptance_rate_outside_unit_interval(tmp_path, cli_env, rate):
     """A bad acceptance rate stops the run before any compute and leaves no run directory behind."""
@@ -220,6 +226,7 @@ def test_foreign_checkpoint_is_refused(tmp_path):
         train(cfg, run_dir, choices)
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written_and_readable(tmp_path):
     """logger=wandb (offline), read back from the run file: name built from the options, group = experiment, tags
     (configured + chosen options), the resolved config, every iteration's metrics (equal to metrics.jsonl), the final

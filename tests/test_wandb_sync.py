@@ -17,6 +17,8 @@ SCRIPT = ROOT / "scripts" / "wandb_sync.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import wandb_sync  # noqa: E402
 
+pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minutes; `make test` runs it
+
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):

@@ -1,7 +1,7 @@
 """``toy2d``: an MLP noise-prediction network on a Gaussian path (the VP-SDE in the toy), pretrained by the suite on prior samples.
 
 Pretraining minimises the denoising loss ``E_{t, x_0 ~ p_data, eps} ||eps - eps_theta(m x_0 + v eps, t)||^2``
-(METHODS.md §1.1, epsilon weighting). The weights are cached under ``cache_dir`` keyed by a hash of everything
+(docs/methods.md §1.1, epsilon weighting). The weights are cached under ``cache_dir`` keyed by a hash of everything
 that determines them, so pretraining runs once per configuration; a cache file is written atomically.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``fifo``: the paper's replay buffer of accepted endpoints (METHODS.md §5)."""
+"""``fifo``: the paper's replay buffer of accepted endpoints (docs/methods.md §5)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""The h-transform ("guidance", "control") in score units (METHODS.md §0.1, §4.4)."""
+"""The h-transform ("guidance", "control") in score units (docs/methods.md §0.1, §4.4)."""
 from __future__ import annotations
 
 import abc

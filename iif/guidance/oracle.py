@@ -1,5 +1,5 @@
 """``oracle``: the exact optimal h-transform ``h*(x, t) = grad log p^tilt_t(x) - grad log p_t(x)`` for a GMM base
-tilted into a GMM target (METHODS.md §1.1): a diagnostic for the sampler and the fit, not a method."""
+tilted into a GMM target (docs/methods.md §1.1): a diagnostic for the sampler and the fit, not a method."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Fixed (untrained) guidance from the reward gradient: classifier / reward guidance (METHODS.md §7.1)."""
+"""Fixed (untrained) guidance from the reward gradient: classifier / reward guidance (docs/methods.md §7.1)."""
 from __future__ import annotations
 
 import torch

@@ -13,7 +13,7 @@ Tensor = torch.Tensor
 
 
 class RewardInformedGuidance(Guidance):
-    """Reward-informed h-transform (METHODS.md §4.4).
+    """Reward-informed h-transform (docs/methods.md §4.4).
 
     ``grad r`` is the gradient of the tilt ``r / lambda`` w.r.t. the clean-sample argument, evaluated at the
     Tweedie estimate ``x0_hat`` of the frozen base (an input feature: IIF and AM evaluate it on detached states;

@@ -1,4 +1,4 @@
-"""``am``: adjoint matching (Domingo-Enrich et al., ICLR 2025; METHODS.md §7.4, METHODS_UNIFIED.md §2.1)."""
+"""``am``: adjoint matching (Domingo-Enrich et al., ICLR 2025; docs/methods.md §7.4, docs/methods.md §U2.1)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""``cg``: classifier / reward guidance, no training (METHODS.md §7.1). The base chain is guided by a fixed
+"""``cg``: classifier / reward guidance, no training (docs/methods.md §7.1). The base chain is guided by a fixed
 ``h = gamma * grad r`` (at ``x_t``, or through Tweedie with ``method=cg_tweedie``)."""
 from __future__ import annotations
 

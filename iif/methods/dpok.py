@@ -1,4 +1,4 @@
-"""``dpok``: KL-regularised policy gradient over the per-step Gaussian kernels (Fan et al. 2023; METHODS.md §7.3),
+"""``dpok``: KL-regularised policy gradient over the per-step Gaussian kernels (Fan et al. 2023; docs/methods.md §7.3),
 for any base model with per-step kernels."""
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ class DPOK(FineTuned):
     over data dimensions as in DPOK, so with ``reward_weight == kl_weight`` ``J`` is ``KL(P^h || P^0) - E[r]/lambda``
     up to a factor, whose minimiser is the tilted path measure.
 
-    Departure from METHODS.md §7.3: the KL term is the exact Gaussian KL of the two kernels,
+    Departure from docs/methods.md §7.3: the KL term is the exact Gaussian KL of the two kernels,
     ``||Delta_k||^2 / (2 c_k^2) = beta_k / (2 alpha_k (1 - alphabar_k)) ||eps_theta - eps_pre||^2``; DPOK's code
     uses ``mean (eps_theta - eps_pre)^2``, which drops that per-step factor and so weights the steps differently
     from the KL it stands for (with it, ``reward_weight == kl_weight`` would not target the tilt).

@@ -1,4 +1,4 @@
-"""``iif``: Iterative Importance Fine-tuning (Algorithm 1; METHODS.md §3–6). ``reward_only`` is this method
+"""``iif``: Iterative Importance Fine-tuning (Algorithm 1; docs/methods.md §3–6). ``reward_only`` is this method
 with the path Radon–Nikodym term switched off (``use_rnd=false``)."""
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ class IIF(FineTuned):
     4. push the accepted ``x_0`` into the FIFO buffer;
     5. ``M`` Adam steps on ``L_FT(h) = E ||sigma(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``          ([IIF 15])
        ``+ gamma_KL * E[ g(t)^2 / (2 p(t)) ||h(x_t,t)||^2 ]``: the single-time estimate of the path KL
-       ``int g^2/2 ||h||^2 dt`` with ``t ~ p`` (KL regulariser, [IIF 17], METHODS.md §4.3),
+       ``int g^2/2 ||h||^2 dt`` with ``t ~ p`` (KL regulariser, [IIF 17], docs/methods.md §4.3),
        ``(x_0, cond) ~ buffer``, ``t ~ time_sampler``, ``x_t = alpha(t) x_0 + sigma(t) eps``.
 
     Departures from the paper: NN2 of the reward-informed guidance starts at 0 like NN1, so the first iteration

@@ -1,5 +1,5 @@
 """``pathwise``: online fine-tuning by the stochastic-control loss, backpropagating through the whole trajectory
-(the IIF paper's online fine-tuning on the 2D toy; METHODS.md §7.2, [IIF 10])."""
+(the IIF paper's online fine-tuning on the 2D toy; docs/methods.md §7.2, [IIF 10])."""
 from __future__ import annotations
 
 from iif.distributed import world

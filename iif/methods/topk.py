@@ -1,4 +1,4 @@
-"""``topk``: best-of-K sampling from the base model, no training (METHODS.md §7.5)."""
+"""``topk``: best-of-K sampling from the base model, no training (docs/methods.md §7.5)."""
 from __future__ import annotations
 
 import torch

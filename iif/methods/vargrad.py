@@ -1,5 +1,5 @@
 """``vargrad``: online fine-tuning with the log-variance (VarGrad) loss on detached trajectories
-(METHODS.md §7.2, [IIF 57–59]; Richter et al. 2020)."""
+(docs/methods.md §7.2, [IIF 57–59]; Richter et al. 2020)."""
 from __future__ import annotations
 
 import torch

@@ -8,7 +8,8 @@ figure (key names are used by other tools: keep them).
 * ``top_mode_frac``: fraction of samples at the prior mode of highest reward (the target's share is printed as
   ``top_mode_frac`` of the exact samples in the tests; reward-only fine-tuning drives it towards 1).
 * ``sc_loss``: stochastic-control loss estimate ``E[sum_t ||Delta_t||^2 / (2 sigma_t^2) - r(x_0)/lambda]``
-  (METHODS.md §1.2); its minimum is ``-log Z``.
+  (docs/methods.md §1.2); bounded below by ``-log Z_N``, the log normaliser of the N-step chain's own tilt (about
+  ``-log Z`` for large N).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rewards ``r(x)`` and the tilt ``r(x) / lambda`` (METHODS.md §0.3)."""
+"""Rewards ``r(x)`` and the tilt ``r(x) / lambda`` (docs/methods.md §0.3)."""
 from __future__ import annotations
 
 import abc

@@ -1,4 +1,4 @@
-"""``gmm``: the toy reward ``r(x) = log q(x)``, the log-density of a Gaussian mixture (METHODS.md §8.1)."""
+"""``gmm``: the toy reward ``r(x) = log q(x)``, the log-density of a Gaussian mixture (docs/methods.md §8.1)."""
 from __future__ import annotations
 
 import torch
