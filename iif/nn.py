@@ -1,6 +1,7 @@
 """Small networks shared by base models and guidance."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -52,3 +53,22 @@ class TimeMLP(nn.Module):
         """``x [B, in_dim]``, ``t [B]`` -> ``[B, out_dim]``."""
         emb = timestep_embedding(t, self.t_dim, scale=self.t_scale).to(x.dtype)
         return self.head(self.body(torch.cat([x, emb], dim=-1)))
+
+
+@contextlib.contextmanager
+def keep_requires_grad(module: nn.Module):
+    """Restore every parameter's ``requires_grad`` flag on exit."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def set_adapters_enabled(host: nn.Module, enabled: bool) -> None:
+    """Turn the adapters of a diffusers model on or off without touching ``requires_grad`` (peft's
+    ``enable_adapters``/``disable_adapters`` also set the adapter weights' ``requires_grad``; here what is trained is
+    decided once, by the guidance)."""
+    with keep_requires_grad(host):
+        host.enable_adapters() if enabled else host.disable_adapters()

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from iif.base_models.base import BaseModel
+from iif.nn import set_adapters_enabled
 from iif.schedules.discrete import DiscreteSchedule
 
 Tensor = torch.Tensor
@@ -155,7 +156,6 @@ class StableDiffusionBase(BaseModel):
     def adapter_enabled(self):
         """Within this context :meth:`predict` and :meth:`eps` run the UNet with its adapters on (counted in
         :attr:`nfe` like the base's own calls); outside it they are off."""
-        from iif.guidance.lora import set_adapters_enabled
 
         if self._adapter_on:
             raise RuntimeError("adapter_enabled() is not reentrant")

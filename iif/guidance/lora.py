@@ -19,7 +19,6 @@ The base model must follow this protocol (:class:`AdapterBase`; ``base_model=sd1
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import ContextManager, Protocol
@@ -28,6 +27,7 @@ import torch
 from torch import nn
 
 from iif.guidance.base import Guidance
+from iif.nn import keep_requires_grad, set_adapters_enabled  # noqa: F401 (re-exported)
 
 Tensor = torch.Tensor
 
@@ -44,14 +44,6 @@ class AdapterBase(Protocol):
     def frozen_eps(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
 
     def eps(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor: ...
-
-
-def set_adapters_enabled(host: nn.Module, enabled: bool) -> None:
-    """Turn the adapters of a diffusers model on or off without touching ``requires_grad`` (peft's
-    ``enable_adapters``/``disable_adapters`` also set the adapter weights' ``requires_grad``; here what is trained is
-    decided once, by the guidance)."""
-    with _keep_requires_grad(host):
-        host.enable_adapters() if enabled else host.disable_adapters()
 
 
 class LoRAGuidance(Guidance):
@@ -181,15 +173,5 @@ class LoRAGuidance(Guidance):
         if shapes:
             raise ValueError(f"{directory}: weight '{shapes[0]}' has shape {tuple(state[shapes[0]].shape)}, this "
                              f"guidance's {tuple(expected[shapes[0]].shape)} (guidance.rank differs)")
-        with _keep_requires_grad(self.net):
+        with keep_requires_grad(self.net):
             set_peft_model_state_dict(self.net, state, adapter_name=self.adapter_name)
-
-
-@contextlib.contextmanager
-def _keep_requires_grad(module: nn.Module):
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
