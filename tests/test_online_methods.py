@@ -136,8 +136,9 @@ def test_am_lean_adjoint_equals_autograd_through_the_base_chain():
 
 
 @pytest.mark.parametrize("target", ["post", "pre"])
-def test_am_regression_target_is_zero_at_the_optimum_for_a_constant_adjoint(target):
-    """With ``h = -sqrt(alpha) a`` the AM loss terms vanish: ``Delta/sigma + sigma a = 0`` (loss of the spec's
+def test_am_loss_is_zero_when_the_shift_equals_the_regressed_adjoint(target):
+    """The zero of the AM loss (not the optimum: for ``pre`` it is not, tests/test_am_discrete.py): with
+    ``h = -sqrt(alpha) a`` the AM loss terms vanish: ``Delta/sigma + sigma a = 0`` (loss of the spec's
     ``||sqrt(dt) u + std a||^2`` written with ``Delta = beta/sqrt(alpha) h``), ``a`` the adjoint the step is regressed
     on: at the state after the step (``post``, lean-adjoint row ``i + 1``) or before it (``pre``, row ``i``)."""
     prior, reward, base, sampler = _toy(n_steps=10)
