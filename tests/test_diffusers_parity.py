@@ -155,3 +155,55 @@ def test_discrete_schedule_equals_diffusers_alphas_cumprod():
         t = (k + 1).double() / T
         torch.testing.assert_close(ours.alphabar(t), ref.alphas_cumprod[k].double(), rtol=0, atol=0)
         assert float(ours.alphabar(torch.zeros(1, dtype=torch.float64))) == 1.0
+
+
+class _Pred(BaseModel):
+    """Returns a fixed prediction of its ``prediction_type`` (the conversion to ``eps`` is what is tested)."""
+
+    def __init__(self, schedule, prediction_type, pred):
+        super().__init__(schedule, SHAPE, prediction_type)
+        self.pred = pred
+
+    def predict(self, x, t, cond=None):
+        return self.pred
+
+
+@pytest.mark.parametrize("kind", ["v_prediction", "sample"])
+def test_prediction_types_step_like_diffusers(kind):
+    """A base that predicts ``v`` or ``x0`` is converted to ``eps`` in one place (``BaseModel.to_eps``): our DDIM step
+    on the converted prediction equals ``DDIMScheduler(prediction_type=kind).step`` on the raw one."""
+    n = 10
+    ref = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=False,
+                                  set_alpha_to_one=True, prediction_type=kind)
+    ref.set_timesteps(n)
+    g = torch.Generator().manual_seed(5)
+    kernels = DDIMSampler(n, eta=0.5).kernels(_Linear(_schedule()))
+    for k, ts in zip(kernels, ref.timesteps):
+        x, pred, z = (torch.randn(3, *SHAPE, generator=g) for _ in range(3))
+        base = _Pred(_schedule(), "v" if kind == "v_prediction" else "x0", pred)
+        ours = k.base_mean(x, base.eps(x, k.times(3))) + k.std * z
+        theirs = ref.step(pred, ts, x, eta=0.5, variance_noise=z).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_flow_velocity_converts_to_the_noise_of_the_interpolation():
+    """Rectified flow ``x_t = (1 - t) x0 + t eps`` with velocity ``u = eps - x0``: ``to_eps`` recovers ``eps`` and
+    the Tweedie estimate recovers ``x0`` exactly; a deterministic DDIM step is the Euler step ``x + (s - t) u``."""
+    from iif.schedules import RectifiedFlow
+
+    g = torch.Generator().manual_seed(6)
+    x0, eps = torch.randn(4, *SHAPE, generator=g, dtype=torch.float64), torch.randn(4, *SHAPE, generator=g,
+                                                                                    dtype=torch.float64)
+    t = torch.tensor([0.2, 0.5, 0.7, 0.9], dtype=torch.float64)
+    tt = t.view(-1, 1, 1, 1)
+    xt = (1 - tt) * x0 + tt * eps
+    base = _Pred(RectifiedFlow(), "velocity", eps - x0)
+    got = base.eps(xt, t)
+    torch.testing.assert_close(got, eps)
+    torch.testing.assert_close(base.x0_hat(xt, t, got), x0)
+    k = DDIMSampler(5, eta=0.0).kernels(base)[1]  # from t = 0.8 to 0.6
+    x = torch.randn(2, *SHAPE, generator=g, dtype=torch.float64)
+    u = torch.randn(2, *SHAPE, generator=g, dtype=torch.float64)
+    base.pred = u
+    step = k.base_mean(x, base.eps(x, k.times(2, torch.float64)))
+    torch.testing.assert_close(step, x + (k.s - k.t) * u)

@@ -14,13 +14,14 @@ class RectifiedFlow(GaussianPath):
     scales it).
 
     Args:
-        t_max: the largest sampling time (``alpha(1) = 0`` makes the noisiest state carry no signal, which is fine
-            for sampling; a smaller ``t_max`` keeps ``x0_hat`` finite at the first step).
+        t_max: the largest sampling time, below 1: at ``t = 1`` ``alpha = 0`` and a noise prediction no longer
+            determines ``x0_hat`` (every sampler here works with ``eps``), so sampling starts at ``t_max`` from
+            ``N(0, I)`` (an approximation of order ``1 - t_max``).
     """
 
-    def __init__(self, t_max: float = 1.0):
-        if not 0 < t_max <= 1:
-            raise ValueError(f"rectified flow needs 0 < t_max <= 1, got {t_max}")
+    def __init__(self, t_max: float = 0.999):
+        if not 0 < t_max < 1:
+            raise ValueError(f"base_model.schedule.t_max must lie in (0, 1) for rectified flow, got {t_max}")
         self.t_max = float(t_max)
 
     def alpha(self, t: Tensor) -> Tensor:
