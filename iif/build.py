@@ -41,6 +41,7 @@ def build(cfg: DictConfig, device: torch.device = torch.device("cpu")) -> Compon
         sampler = instantiate(cfg.sampler)
         buffer = instantiate(cfg.buffer)
         conditions = instantiate(cfg.conditions)
+        conditions.bind(base=base, sampler=sampler)
         method = instantiate(cfg.method, base=base, reward=reward, sampler=sampler, guidance=guidance, buffer=buffer,
                              conditions=conditions)
         evaluator = instantiate(cfg.evaluation, base=base, reward=reward)

@@ -73,3 +73,18 @@ def test_image_run_from_the_command_line(sampler, tmp_path, cli_env):
     assert proc.returncode == 0, proc.stderr[-2000:]
     final = json.loads((run_dir / "metrics.json").read_text())
     assert final["method"] == "iif" and final["iterations"] == 2
+
+
+def test_iif_amortised_over_simulated_measurements(tmp_path):
+    """``conditions=measurements``: each trajectory is conditioned on a measurement ``y = A x0 + sigma_y eps`` of a
+    base sample; the buffer stores ``(x0, y)`` and the loss gives ``y`` to the amortised ``h``; resumable like any
+    run (the buffer's conditions are in the checkpoint)."""
+    overrides = ["experiment=tiny_image", "conditions=measurements", "~conditions.classes", "guidance.cond_channels=1",
+                 "guidance.num_classes=null", "base_model.num_classes=null", "reward.classes=[3]", "method=iif",
+                 "debug=fast", "logger=none", "sampler.n_steps=4", "iterations=2", "checkpoint_every=1",
+                 *SIZES["iif"]]
+    cfg, choices = compose(overrides)
+    final = train(cfg, tmp_path / "r", choices)
+    state = torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["state"]["buffer"]
+    assert state["cond"].shape[1:] == (1, 4, 4) and state["cond"].shape[0] == state["data"].shape[0]
+    assert final["iterations"] == 2

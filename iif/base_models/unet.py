@@ -83,7 +83,9 @@ class UNetBase(BaseModel):
         self.net.to(self.device)
 
     def predict(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        if (cond is None) != (self.num_classes is None):
-            raise ValueError("a class-conditional UNet needs a class label per sample (conditions=labels), and an "
-                             "unconditional one none")
-        return self.net(x, network_timestep(self.schedule, t), class_labels=cond).sample
+        if self.num_classes is None:  # unconditional: a condition (e.g. a measurement) is for h and the reward
+            return self.net(x, network_timestep(self.schedule, t)).sample
+        if cond is None or cond.dim() != 1:
+            raise ValueError("a class-conditional UNet (base_model.num_classes) needs a class label per sample "
+                             "(conditions=labels)")
+        return self.net(x, network_timestep(self.schedule, t), class_labels=cond.long()).sample

@@ -18,6 +18,9 @@ class ConditionSource(abc.ABC):
     def sample(self, n: int) -> Tensor | None:
         """``[n, ...]`` conditions, or None for unconditional sampling."""
 
+    def bind(self, base, sampler) -> None:
+        """Receive the run's base model and sampler (a source that simulates from the model, e.g. measurements)."""
+
 
 class Unconditional(ConditionSource):
     """``none``: no condition (the toy problems)."""

@@ -1,5 +1,5 @@
 """``classifier``: ``r(x) = log p(c | x)`` for a class, ``log sum_{c in S} p(c | x)`` for a class set (even, odd), or,
-when the samples carry class labels (``conditions=labels``), ``log p(cond | x)`` (docs/methods.md §0.3)."""
+when the samples carry class labels (``conditions=labels``: a 1-D tensor), ``log p(cond | x)`` (docs/methods.md §0.3)."""
 from __future__ import annotations
 
 import logging
@@ -70,6 +70,6 @@ class ClassifierReward(Reward):
         """``[B, C, H, W]`` (and labels ``[B]``) -> ``[B]``."""
         net = self.net.to(x.device)
         logp = torch.log_softmax(net(x).float(), dim=-1)
-        if cond is not None:
+        if cond is not None and cond.dim() == 1:  # a class label per sample; other conditions do not concern it
             return logp.gather(1, cond.long().view(-1, 1)).squeeze(1)
         return torch.logsumexp(logp[:, self.classes.to(x.device)], dim=-1)

@@ -1,0 +1,61 @@
+"""Condition sources: draws and how they reach the guidance."""
+from __future__ import annotations
+
+import torch
+
+from iif.base_models.unet import UNetBase
+from iif.conditions.labels import ClassLabels
+from iif.conditions.measurements import Measurements
+from iif.conditions.prompts import Prompts
+from iif.guidance.conv_reward_informed import ConvRewardInformedGuidance
+from iif.rewards.classifier import ClassifierReward
+from iif.samplers.base import Trajectory
+from iif.schedules import VPSchedule
+
+
+class _Fixed:
+    """A sampler stand-in that returns the same clean images every time."""
+
+    def __init__(self, x0):
+        self.x0 = x0
+
+    def sample(self, base, guidance, n, **kw):
+        return Trajectory(x0=self.x0[:n], log_rnd=torch.zeros(n, dtype=torch.float64), control_cost=None)
+
+
+def test_measurements_are_the_pooled_image_plus_gaussian_noise():
+    """``y = A x0 + sigma_y eps`` with ``A`` 2x2 average pooling (written out here by reshaping) and noise of std
+    sigma_y: mean and std of ``y - A x0`` over 4000 draws within 5 standard errors."""
+    torch.manual_seed(0)
+    x0 = torch.randn(4000, 1, 8, 8)
+    m = Measurements(factor=2, sigma_y=0.05)
+    m.bind(base=None, sampler=_Fixed(x0))
+    y = m.sample(4000)
+    pooled = x0.reshape(4000, 1, 4, 2, 4, 2).mean(dim=(3, 5))
+    r = (y - pooled).flatten()
+    assert y.shape == (4000, 1, 4, 4)
+    assert abs(r.mean().item()) < 5 * 0.05 / r.numel() ** 0.5
+    assert abs(r.std().item() - 0.05) < 5 * 0.05 / (2 * r.numel()) ** 0.5
+
+
+def test_labels_and_prompts_draw_from_their_lists():
+    torch.manual_seed(0)
+    c = ClassLabels([2, 7]).sample(1000)
+    assert set(c.tolist()) == {2, 7} and abs((c == 7).float().mean().item() - 0.5) < 0.05
+    p = Prompts(["a", "b", "c"])
+    idx = p.sample(30)
+    assert set(idx.tolist()) <= {0, 1, 2} and p.text(idx[:2]) == [p.texts[int(i)] for i in idx[:2]]
+
+
+def test_amortised_guidance_receives_the_measurement():
+    """The convolutional reward-informed h with an image condition: changing ``y`` changes ``h`` (once NN1 is not
+    zero), the same ``y`` gives the same ``h``."""
+    torch.manual_seed(0)
+    base = UNetBase(VPSchedule(), (1, 8, 8))
+    g = ConvRewardInformedGuidance(base, ClassifierReward([3]), cond_channels=1)
+    torch.nn.init.normal_(g.nn1.conv_out.weight, std=0.1)
+    x, x0_hat, t = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    y = torch.randn(2, 1, 4, 4)
+    h1, h2, h3 = g(x, t, x0_hat, y), g(x, t, x0_hat, y.clone()), g(x, t, x0_hat, y + 1.0)
+    assert torch.equal(h1, h2)
+    assert (h1 - h3).abs().max() > 1e-3
