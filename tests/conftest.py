@@ -1,10 +1,12 @@
 """Shared fixtures: every test runs offline, on CPU, with its own cache of pretrained base models."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,3 +53,19 @@ def kill_fit_step_at(monkeypatch, method_cls, iteration: int):
 
     monkeypatch.setattr(method_cls, "fit_step", crash)
     return original
+
+
+def gaussian_ddpm_chain(n: int, mu, s2: float, beta_min: float = 0.1, beta_max: float = 20.0) -> dict:
+    """The DDPM chain of the exact base for Gaussian data ``N(mu, s2 I)`` on the VP-SDE grid ``k/N``, written out
+    here as an independent reference (index ``k = 1..N``; index 0 unused): ``alphabar``, ``alpha``, ``beta``, and the
+    affine base mean ``mu^0_k(x) = slope_k x + offset_k`` (the exact score of ``N(sqrt(abar) mu, v)``,
+    ``v = abar s2 + 1 - abar``)."""
+    mu = torch.as_tensor(mu, dtype=torch.float64)
+    m = lambda t: math.exp(-0.25 * t ** 2 * (beta_max - beta_min) - 0.5 * t * beta_min)  # noqa: E731
+    abar = [m(k / n) ** 2 for k in range(n + 1)]
+    alpha = [1.0] + [abar[k] / abar[k - 1] for k in range(1, n + 1)]
+    beta = [1 - a for a in alpha]
+    v = [abar[k] * s2 + 1 - abar[k] for k in range(n + 1)]
+    slope = [1.0] + [(1 - beta[k] / v[k]) / math.sqrt(alpha[k]) for k in range(1, n + 1)]
+    offset = [None] + [beta[k] * math.sqrt(abar[k]) / (v[k] * math.sqrt(alpha[k])) * mu for k in range(1, n + 1)]
+    return {"abar": abar, "alpha": alpha, "beta": beta, "slope": slope, "offset": offset}

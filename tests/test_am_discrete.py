@@ -34,6 +34,7 @@ from iif.rewards.base import Reward
 from iif.rewards.gmm import GMMReward
 from iif.samplers.ddpm import DDPMSampler
 from iif.schedules.vp import VPSchedule
+from tests.conftest import gaussian_ddpm_chain
 
 MU, S2, B, LAM = (0.5, -1.0), 0.3, (1.0, -0.5), 0.5
 BETA_MIN, BETA_MAX = 0.1, 20.0
@@ -68,14 +69,9 @@ class StepShift(nn.Module):
 def closed_form(n: int) -> dict:
     """The chain's coefficients (index ``k = 1..N``; index 0 unused), the optimal shifts ``Delta*_k [N+1, D]``, and
     the moments of the base chain's ``x_0``: ``m_chain`` and the per-coordinate variance ``v_chain``."""
-    mu, b = torch.tensor(MU, dtype=torch.float64), torch.tensor(B, dtype=torch.float64)
-    m = lambda t: math.exp(-0.25 * t ** 2 * (BETA_MAX - BETA_MIN) - 0.5 * t * BETA_MIN)  # noqa: E731
-    abar = [m(k / n) ** 2 for k in range(n + 1)]
-    alpha = [1.0] + [abar[k] / abar[k - 1] for k in range(1, n + 1)]
-    beta = [1 - a for a in alpha]
-    v = [abar[k] * S2 + 1 - abar[k] for k in range(n + 1)]
-    slope = [1.0] + [(1 - beta[k] / v[k]) / math.sqrt(alpha[k]) for k in range(1, n + 1)]
-    offset = [None] + [beta[k] * math.sqrt(abar[k]) / (v[k] * math.sqrt(alpha[k])) * mu for k in range(1, n + 1)]
+    b = torch.tensor(B, dtype=torch.float64)
+    c = gaussian_ddpm_chain(n, MU, S2, BETA_MIN, BETA_MAX)
+    alpha, beta, slope, offset = c["alpha"], c["beta"], c["slope"], c["offset"]
     g = [None] + [math.prod(slope[1:k]) for k in range(1, n + 2)]  # g[k] = A_1 ... A_{k-1}
     delta = torch.zeros(n + 1, 2, dtype=torch.float64)
     for k in range(1, n + 1):
@@ -85,7 +81,7 @@ def closed_form(n: int) -> dict:
         mean, var = slope[k] * mean + offset[k], slope[k] ** 2 * var + beta[k]
     shift_coef = [0.0] + [beta[k] / math.sqrt(alpha[k]) for k in range(1, n + 1)]
     return dict(slope=slope, beta=beta, shift_coef=shift_coef, delta=delta, m_chain=mean, v_chain=var, b=b,
-                mu=mu)
+                mu=torch.tensor(MU, dtype=torch.float64))
 
 
 def problem(n: int, target: str, loss_steps: int | None = None):

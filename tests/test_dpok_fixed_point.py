@@ -32,6 +32,7 @@ from iif.methods.dpok import DPOK
 from iif.rewards.base import Reward
 from iif.samplers.ddpm import DDPMSampler
 from iif.schedules.vp import VPSchedule
+from tests.conftest import gaussian_ddpm_chain
 
 pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minutes; `make test` runs it
 
@@ -67,14 +68,8 @@ class StepAffine(nn.Module):
 
 def chain(n: int):
     """``A_k``, ``m_k``, ``c_k^2 = beta_k`` and ``k_k`` for ``k = 1..N`` (index 0 unused)."""
-    mu = torch.tensor(MU, dtype=torch.float64)
-    m = lambda t: math.exp(-0.25 * t ** 2 * (BETA_MAX - BETA_MIN) - 0.5 * t * BETA_MIN)  # noqa: E731
-    abar = [m(k / n) ** 2 for k in range(n + 1)]
-    alpha = [1.0] + [abar[k] / abar[k - 1] for k in range(1, n + 1)]
-    beta = [1 - a for a in alpha]
-    v = [abar[k] * S2 + 1 - abar[k] for k in range(n + 1)]
-    slope = [1.0] + [(1 - beta[k] / v[k]) / math.sqrt(alpha[k]) for k in range(1, n + 1)]
-    offset = [None] + [beta[k] * math.sqrt(abar[k]) / (v[k] * math.sqrt(alpha[k])) * mu for k in range(1, n + 1)]
+    c = gaussian_ddpm_chain(n, MU, S2, BETA_MIN, BETA_MAX)
+    alpha, beta, slope, offset = c["alpha"], c["beta"], c["slope"], c["offset"]
     coef = [0.0] + [beta[k] / math.sqrt(alpha[k]) for k in range(1, n + 1)]
     return slope, offset, beta, coef
 
