@@ -393,7 +393,7 @@ def test_ddpm_kernels_reproduce_the_vp_step_maths():
     n = 7
     base = GMMExact(_priors()["general"], VPSchedule(B_MIN, B_MAX))
     kernels = DDPMSampler(n).kernels(base)
-    assert len(kernels) == n and DDPMSampler(n).steps(base)[0].t == kernels[0].t
+    assert len(kernels) == n
     gen = torch.Generator().manual_seed(50)
     x = torch.randn(16, 2, dtype=DT, generator=gen)
     eps = torch.randn(16, 2, dtype=DT, generator=gen)

@@ -99,10 +99,12 @@ class DPOK(FineTuned):
         # (a deterministic, unguided step, e.g. DDIM's last, has no policy: its transitions are not stored)
         kernels = sampler.kernels(base)[::-1]
         self._controlled = torch.tensor([False] + [k.guided and k.std > 0 for k in kernels], device=base.device)
-        self._t, self._var, self._coef = (torch.tensor([0.0] + [getattr(k, a) if k.std > 0 else 1.0 for k in kernels],
-                                                       dtype=torch.float64).float().to(base.device)
-                                          for a in ("t", "var", "shift_coef"))
-        self._t[1:] = torch.tensor([k.t for k in kernels], dtype=torch.float64).float()
+        # a deterministic step gets var = 1 and a shift of 0: its transitions are dropped, the placeholders keep the
+        # packing arithmetic finite
+        per_step = lambda values: torch.tensor([0.0] + values, dtype=torch.float64).float().to(base.device)  # noqa: E731
+        self._t = per_step([k.t for k in kernels])
+        self._var = per_step([k.var if k.std > 0 else 1.0 for k in kernels])
+        self._coef = per_step([k.shift_coef if k.std > 0 else 0.0 for k in kernels])
 
     # ------------------------------------------------------------------ transitions, packed as rows
     def _pack(self, traj, log_r: Tensor) -> Tensor:

@@ -151,10 +151,6 @@ class Sampler(abc.ABC):
     def kernels(self, base) -> list[Kernel]:
         """The ``N`` kernels of the chain on ``base``'s path, the noisiest first."""
 
-    def steps(self, base) -> list[Kernel]:
-        """Alias of :meth:`kernels`."""
-        return self.kernels(base)
-
     @torch.no_grad()
     def sample(self, base, guidance, n: int, *, cond: Tensor | None = None, keep_states: bool = False,
                accumulate_rnd: bool = True, progress: bool = False, rows: slice | None = None) -> Trajectory:
