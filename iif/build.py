@@ -26,6 +26,13 @@ class Components:
     budget: Budget
     device: torch.device = torch.device("cpu")
 
+    def prepare(self) -> None:
+        """Load or train what the components need before a run (cached pretraining of the base model and of the
+        reward's classifier, the evaluator's reference), in that order: each may use the ones before."""
+        self.base.prepare()
+        self.reward.prepare()
+        self.evaluator.prepare()
+
 
 def build(cfg: DictConfig, device: torch.device = torch.device("cpu")) -> Components:
     """Instantiate every component; the networks are placed on ``device`` before the method (and its optimiser) is
@@ -44,5 +51,5 @@ def build(cfg: DictConfig, device: torch.device = torch.device("cpu")) -> Compon
         conditions.bind(base=base, sampler=sampler)
         method = instantiate(cfg.method, base=base, reward=reward, sampler=sampler, guidance=guidance, buffer=buffer,
                              conditions=conditions)
-        evaluator = instantiate(cfg.evaluation, base=base, reward=reward)
+        evaluator = instantiate(cfg.evaluation, base=base, reward=reward, sampler=sampler)
     return Components(base, reward, method, evaluator, Budget(base, reward), device)

@@ -85,7 +85,8 @@ def check_cache_writable(base, choices: dict[str, str]) -> None:
     """A base model that pretrains and caches its weights (``cache_path()``) and finds none cached must be able to
     write them, or its pretraining is lost at the end (checked before pretraining; a read-only cache that already
     holds the weights is fine)."""
-    if not hasattr(base, "cache_path") or (path := Path(base.cache_path())).exists():
+    cache_path = getattr(base, "cache_path", None)
+    if cache_path is None or cache_path() is None or (path := Path(cache_path())).exists():
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

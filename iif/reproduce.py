@@ -9,6 +9,8 @@ check the paper's qualitative claims.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import os
 import subprocess
 import sys
@@ -32,56 +34,168 @@ def load_spec(name: str):
     return OmegaConf.load(path)
 
 
-def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int) -> None:
+def experiment_of(spec, scale: str) -> str:
+    """The spec's experiment preset: one name, or one per scale (``{ci: mnist_superres, paper: flowers_superres}``)."""
+    return spec.experiment if isinstance(spec.experiment, str) else spec.experiment[scale]
+
+
+def settings_of(spec) -> dict[str, list[str]]:
+    """The spec's column groups ``{name: extra overrides}`` (e.g. table1's single class and even digits); a spec
+    without ``settings`` has one unnamed group."""
+    return {str(k): list(v) for k, v in (spec.get("settings") or {"": []}).items()}
+
+
+def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int,
+              methods: list[str] | None = None, method_overrides: list[str] = (), subdir: str | None = None) -> None:
     """One Hydra multirun over methods x seeds; ``jobs > 1`` runs them in parallel (joblib launcher, 1 thread each)."""
     parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "torch_threads=1"] if jobs > 1 else []
-    cmd = [sys.executable, "-m", "iif.train", "-m", f"experiment={spec.experiment}",
-           f"method={','.join(spec.methods)}", f"seed={','.join(map(str, seeds))}",
-           *spec.overrides, *spec.scales[scale], *parallel, *extra,
-           f"hydra.sweep.dir={runs_dir}", "hydra.sweep.subdir=${hydra:runtime.choices.method}_seed${seed}"]
+    cmd = [sys.executable, "-m", "iif.train", "-m", f"experiment={experiment_of(spec, scale)}",
+           f"method={','.join(methods or spec.methods)}", f"seed={','.join(map(str, seeds))}",
+           *spec.overrides, *spec.scales[scale], *parallel, *extra, *method_overrides,
+           f"hydra.sweep.dir={runs_dir}",
+           f"hydra.sweep.subdir={subdir or '${hydra:runtime.choices.method}_seed${seed}'}"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={"WANDB_SILENT": "true", **os.environ})
 
 
+def tune(spec, scale: str, runs_dir: Path, extra: list[str], jobs: int) -> dict[str, str]:
+    """Choose the parameter of each method of ``spec.tune`` by its criterion: one run per grid value of the tuning
+    method (``tune.<m>.method``, default ``m``) with the tuning seed (not one of the reported seeds), then the value
+    whose ``metric`` is best. Runs sharing a grid are made once. Returns ``{method: "key=value"}``, also written to
+    ``runs_dir/tuned.json``."""
+    chosen, done = {}, set()
+    for method, t in (spec.get("tune") or {}).items():
+        grid_method = t.get("method", method)
+        folder = runs_dir / f"tune_{grid_method}"
+        values = [str(v) for v in t["values"]]
+        if (grid_method, t.key) not in done and not all((folder / f"v{v}" / "metrics.json").exists() for v in values):
+            run_sweep(spec, scale, [int(t.get("seed", 100))], folder.resolve(), extra, jobs, methods=[grid_method],
+                      method_overrides=[*method_overrides(spec, scale, grid_method), f"{t.key}={','.join(values)}"],
+                      subdir=f"v${{{t.key}}}")
+        done.add((grid_method, t.key))
+        scores = {v: json.loads((folder / f"v{v}" / "metrics.json").read_text())[t.metric] for v in values}
+        pick = (min if t.get("goal", "min") == "min" else max)(scores, key=scores.get)
+        chosen[method] = f"{t.key}={pick}"
+        print(f"tuned {method}: {t.key}={pick} ({t.metric}: " + ", ".join(f"{v}: {x:.4g}" for v, x in scores.items())
+              + ")", flush=True)
+    if chosen:
+        (runs_dir / "tuned.json").write_text(json.dumps(chosen, indent=1))
+    return chosen
+
+
 def prepare_base(spec, scale: str, extra: list[str]) -> None:
-    """Pretrain (or load) the shared base model once, before parallel runs would each try to."""
+    """Pretrain (or load) the shared base model, classifier and reference once, before parallel runs would each
+    try to."""
     from iif.build import build
     from iif.config import compose
 
-    cfg, _ = compose([f"experiment={spec.experiment}", *spec.overrides, *spec.scales[scale], *extra, "logger=none"])
-    build(cfg).base.prepare()
+    cfg, _ = compose([f"experiment={experiment_of(spec, scale)}", *spec.overrides, *spec.scales[scale], *extra,
+                      "logger=none"])
+    build(cfg).prepare()
 
 
-def check_claims(spec, rows: list[dict]) -> list[str]:
-    """Evaluate each claim's expression on ``{metric: {method: mean}}``; lines ``PASS/FAIL claim (numbers)``."""
-    table = {m: {r["method"]: r[m] for r in rows if m in r} for m in spec.metrics}
+def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int) -> None:
+    """Tuning, then the methods: those with neither per-method overrides (``spec.method_overrides[scale]``) nor a
+    tuned value in one multirun, each other method in its own."""
+    prepare_base(spec, scale, extra)
+    chosen = tune(spec, scale, runs_dir, extra, jobs)
+    own = {m: [*method_overrides(spec, scale, m), *([chosen[m]] if m in chosen else [])] for m in spec.methods}
+    plain = [m for m in spec.methods if not own[m]]
+    if plain:
+        run_sweep(spec, scale, seeds, runs_dir.resolve(), extra, jobs, methods=plain)
+    for method in spec.methods:
+        if own[method]:
+            run_sweep(spec, scale, seeds, runs_dir.resolve(), extra, jobs, methods=[method],
+                      method_overrides=own[method])
+
+
+def method_overrides(spec, scale: str, method: str) -> list[str]:
+    """The spec's overrides of one method at one scale (its sizes: keys that other methods do not have)."""
+    return list(((spec.get("method_overrides") or {}).get(scale) or {}).get(method) or [])
+
+
+def check_claims(spec, tables: dict[str, dict]) -> list[str]:
+    """Evaluate each claim's expression; lines ``PASS/FAIL claim (numbers)``. ``tables``: per setting
+    ``{metric: {method: mean}}`` (and ``curve``: the curve's summary); without settings the metrics are names of
+    the expression, else the settings are (``single['fid']['iif']``)."""
+    names = tables.get("", {}) | {k: v for k, v in tables.items() if k}
     out = []
     for check in spec.checks:
         try:
-            ok = bool(eval(check.expr, {"__builtins__": {}}, table))  # expressions come from the repo's spec
+            ok = bool(eval(check.expr, {"__builtins__": {}}, names))  # expressions come from the repo's spec
             verdict = "PASS" if ok else "FAIL"
         except KeyError as e:
             verdict = f"SKIP (no {e} row)"
-        nums = ", ".join(f"{m}[{k}]={v:.4g}" for m, d in table.items() if m in check.expr for k, v in d.items()
-                         if f"'{k}'" in check.expr)
-        out.append(f"{verdict}: {check.claim} — {check.expr} ({nums})")
+        out.append(f"{verdict}: {check.claim} — {check.expr} ({_numbers(check.expr, tables)})")
     return out
 
 
-def make_figure(spec, rows: list[dict], out_dir: Path) -> None:
+def _numbers(expr: str, tables: dict[str, dict]) -> str:
+    nums = []
+    for setting, table in tables.items():
+        for m, d in table.items():
+            if not isinstance(d, dict):
+                if m in expr:
+                    nums.append(f"{m}={d:.4g}")
+                continue
+            for k, v in d.items():
+                if f"'{m}'" in expr or (not setting and m in expr):
+                    if f"'{k}'" in expr and (not setting or setting in expr):
+                        nums.append(f"{setting + '.' if setting else ''}{m}[{k}]={v:.4g}")
+    return ", ".join(nums)
+
+
+def make_figure(spec, scale: str, rows: list[dict], out_path: Path, overrides: list[str]) -> None:
     """The experiment's evaluator draws the figure: one panel per method, the samples of its first seed's run."""
     from iif.build import build
     from iif.config import compose
 
-    cfg, _ = compose([f"experiment={spec.experiment}", *spec.overrides, "logger=none"])
+    cfg, _ = compose([f"experiment={experiment_of(spec, scale)}", *spec.overrides, *overrides, "logger=none"])
     evaluator = build(cfg).evaluator
     panels = {}
     for r in rows:
         runs = sorted(Path(d) for d in r["run_dirs"])
         panels[r["method"]] = torch.load(runs[0] / "samples.pt", weights_only=True)
     fig = evaluator.figure(panels)
-    fig.savefig(out_dir / "figure.png", dpi=130)
+    fig.savefig(out_path, dpi=130)
     fig.clf()
+
+
+def curve(spec, runs: list[dict], out_dir: Path) -> dict:
+    """The per-iteration curve of ``spec.curve.metric`` (logged by evaluations during training, ``eval_every``) of
+    ``spec.curve.method``: mean over seeds with its standard error (from the within-run ``se`` of each evaluation,
+    combined over seeds) written to ``curve.csv`` and ``curve.png``; a rise between consecutive evaluations counts
+    as beyond noise when it exceeds ``z`` standard errors of the difference. Returns the summary for the claims."""
+    c = spec.curve
+    series = []
+    for r in runs:
+        if r["method"] != c.method:
+            continue
+        rows = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        series.append({row["iteration"]: (row[c.metric], row.get(c.se, 0.0)) for row in rows if c.metric in row})
+    if not series:
+        raise SystemExit(f"iif-reproduce: error: no run of {c.method} logged {c.metric} (eval_every)")
+    iters = sorted(set.intersection(*(set(s) for s in series)))
+    mean = [sum(s[i][0] for s in series) / len(series) for i in iters]
+    se = [math.sqrt(sum(s[i][1] ** 2 for s in series)) / len(series) for i in iters]
+    z = float(c.get("z", 2.0))
+    rises = [mean[k + 1] - mean[k] > z * math.sqrt(se[k] ** 2 + se[k + 1] ** 2) for k in range(len(iters) - 1)]
+    summary = {"rise_frac": sum(rises) / max(1, len(rises)), "first": mean[0], "last": mean[-1],
+               "n_seeds": len(series)}
+    with (out_dir / "curve.csv").open("w") as f:
+        f.write(f"iteration,{c.metric},{c.metric}_se\n")
+        f.writelines(f"{i},{m!r},{e!r}\n" for i, m, e in zip(iters, mean, se))
+    from iif.plotting import plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.errorbar(iters, mean, yerr=[2 * e for e in se], marker="o", ms=3, capsize=2)
+    ax.set_xlabel("IIF iteration")
+    ax.set_ylabel(f"{c.metric} (± 2 s.e.)")
+    ax.set_title(c.get("title", c.metric))
+    fig.tight_layout()
+    fig.savefig(out_dir / "curve.png", dpi=130)
+    plt.close(fig)
+    return summary
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -108,25 +222,64 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown scale '{args.scale}'; the spec has {list(spec.scales)}")
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec.seeds)
     out_dir = Path(args.out or Path("outputs") / spec.name)
-    runs_dir = out_dir / "runs"
     t0 = time.perf_counter()
-    if not args.skip_runs:
-        prepare_base(spec, args.scale, list(args.overrides))
-        run_sweep(spec, args.scale, seeds, runs_dir.resolve(), list(args.overrides), args.jobs)
-    runs = [r for r in load_runs(runs_dir) if r["method"] in spec.methods and r["seed"] in seeds]
-    if not runs:
-        raise SystemExit(f"iif-reproduce: error: no finished runs under {runs_dir}")
     metrics = list(spec.metrics)
-    rows = aggregate(runs, "method", metrics, order=list(spec.methods))  # rows carry their run_dirs
-    md = write_tables(rows, "method", metrics, out_dir)
-    make_figure(spec, rows, out_dir)
-    lines = check_claims(spec, rows)
+    tables, sections, all_rows = {}, [], []
+    for setting, overrides in settings_of(spec).items():
+        runs_dir = out_dir / "runs" / setting if setting else out_dir / "runs"
+        extra = [*overrides, *args.overrides]
+        if not args.skip_runs:
+            runs_dir.mkdir(parents=True, exist_ok=True)
+            run_setting(spec, args.scale, seeds, runs_dir, extra, args.jobs)
+        runs = [r for r in load_runs(runs_dir) if r["method"] in spec.methods and r["seed"] in seeds
+                and not Path(r["run_dir"]).parent.name.startswith("tune_")]
+        if not runs:
+            raise SystemExit(f"iif-reproduce: error: no finished runs under {runs_dir}")
+        rows = aggregate(runs, "method", metrics, order=list(spec.methods))  # rows carry their run_dirs
+        tables[setting] = {m: {r["method"]: r[m] for r in rows if m in r} for m in metrics}
+        suffix = f"_{setting}" if setting else ""
+        make_figure(spec, args.scale, rows, out_dir / f"figure{suffix}.png", [*spec.scales[args.scale], *extra])
+        if spec.get("curve"):
+            tables[setting]["curve"] = curve(spec, runs, out_dir)
+        tuned = runs_dir / "tuned.json"
+        note = f"\ntuned: {tuned.read_text()}" if tuned.exists() else ""
+        sections.append((setting, rows, note))
+        all_rows.append((setting, rows))
+    md = write_combined(all_rows, metrics, out_dir)
+    lines = check_claims(spec, tables)
+    notes = "".join(note for _, _, note in sections)
+    curve_note = ""
+    for setting, table in tables.items():
+        if "curve" in table:
+            cv = table["curve"]
+            curve_note += (f"\n{spec.curve.metric} per iteration: curve.csv, curve.png; first {cv['first']:.4g}, last "
+                           f"{cv['last']:.4g}, rose beyond noise in {cv['rise_frac']:.0%} of steps "
+                           f"({cv['n_seeds']} seeds)\n")
     report = (f"# {spec.title}\n\nscale={args.scale}, seeds={seeds}, mean ± standard error over seeds\n\n{md}\n"
-              + "\n".join(lines) + "\n")
+              + "\n".join(lines) + "\n" + curve_note + notes + "\n")
     (out_dir / "table.md").write_text(report)
     print("\n" + report)
-    print(f"wrote {out_dir}/table.md, table.csv, figure.png in {time.perf_counter() - t0:.0f} s")
+    print(f"wrote {out_dir}/table.md, table.csv, figures in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def write_combined(settings_rows: list[tuple[str, list[dict]]], metrics: list[str], out_dir: Path) -> str:
+    """One row per method, the metrics of each setting as columns ``<setting>/<metric>`` (plain names without
+    settings): ``table.md`` and ``table.csv`` (first column ``method``)."""
+    if len(settings_rows) == 1 and not settings_rows[0][0]:
+        return write_tables(settings_rows[0][1], "method", metrics, out_dir)
+    merged: dict[str, dict] = {}
+    columns = []
+    for setting, rows in settings_rows:
+        for r in rows:
+            row = merged.setdefault(r["method"], {"method": r["method"], "n": r["n"], "_counts": {}})
+            row["n"] = min(row["n"], r["n"])
+            for m in metrics:
+                if m in r:
+                    row[f"{setting}/{m}"], row[f"{setting}/{m}_se"] = r[m], r[f"{m}_se"]
+                    row["_counts"][f"{setting}/{m}"] = r["_counts"][m]
+        columns += [f"{setting}/{m}" for m in metrics]
+    return write_tables(list(merged.values()), "method", columns, out_dir)
 
 
 if __name__ == "__main__":

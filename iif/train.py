@@ -71,10 +71,10 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         raise
     if main:
         atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        comp.base.prepare()  # may pretrain (cached)
+        comp.prepare()  # may pretrain base model and classifier, compute a reference (cached)
     ranks.barrier()  # every process has read the checkpoint before rank 0 writes one, and the base model's cache
     if not main:
-        comp.base.prepare()
+        comp.prepare()
     ranks.check_replicated(comp.base.state_dict(), "the base model's weights")
 
     start, wall_s, run_id = 0, 0.0, None

@@ -38,7 +38,7 @@ else:
 cfg, _ = compose(["experiment=toy2d", "method=iif", "base_model=gmm_exact", "logger=none"] + sys.argv[2:])
 torch.manual_seed(0)
 comp = build(cfg)
-comp.base.prepare()
+comp.prepare()
 comp.method.setup()
 comp.method.fit_step(0)
 times, losses = [], []

@@ -64,7 +64,7 @@ def child(spec: dict) -> dict:
     if spec["method"] == "am":
         overrides.append(f"method.loss_steps={min(20, spec['steps'])}")
     cfg, comp = build_components(overrides)
-    comp.base.prepare()
+    comp.prepare()
     comp.method.setup()
     gc.collect()
     peak_reset = reset_peak_rss()

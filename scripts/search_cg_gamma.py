@@ -33,7 +33,7 @@ def main() -> None:
     for gamma in [float(g) for g in args.grid.split(",")]:
         cfg, _ = compose([f"method={args.method}", f"method.guide.gamma={gamma}", "logger=none", *args.overrides])
         comp = build(cfg)
-        comp.base.prepare()
+        comp.prepare()
         metrics = comp.evaluator(comp.method).metrics
         rows.append({"gamma": gamma, **metrics})
         print(f"gamma={gamma:<6g} reward_mean={metrics['reward_mean']:.4f} mode_tv={metrics['mode_tv']:.4f}",

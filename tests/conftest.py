@@ -69,3 +69,31 @@ def gaussian_ddpm_chain(n: int, mu, s2: float, beta_min: float = 0.1, beta_max: 
     slope = [1.0] + [(1 - beta[k] / v[k]) / math.sqrt(alpha[k]) for k in range(1, n + 1)]
     offset = [None] + [beta[k] * math.sqrt(abar[k]) / (v[k] * math.sqrt(alpha[k])) * mu for k in range(1, n + 1)]
     return {"abar": abar, "alpha": alpha, "beta": beta, "slope": slope, "offset": offset}
+
+
+def write_idx(path: Path, array) -> None:
+    """An IDX file (MNIST's format): magic (0, 0, dtype 0x08 = ubyte, ndim), big-endian int32 dims, then the bytes."""
+    import struct
+
+    import numpy as np
+
+    arr = np.asarray(array, dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape) + arr.tobytes())
+
+
+@pytest.fixture
+def fake_mnist(tmp_path_factory, monkeypatch):
+    """A small MNIST-shaped copy in torchvision's layout (``IIF_DATA`` points at it): digits drawn as a bar whose
+    position encodes the label, 200 train and 100 test images; nothing is fetched."""
+    root = tmp_path_factory.mktemp("data")
+    gen = torch.Generator().manual_seed(0)
+    for split, n in (("train", 200), ("t10k", 100)):
+        labels = torch.arange(n) % 10
+        images = (torch.rand(n, 28, 28, generator=gen) * 60).to(torch.uint8)
+        for i, c in enumerate(labels.tolist()):
+            images[i, 4 + 2 * c: 6 + 2 * c, 4:24] = 255
+        write_idx(root / "MNIST" / "raw" / f"{split}-images-idx3-ubyte", images.numpy())
+        write_idx(root / "MNIST" / "raw" / f"{split}-labels-idx1-ubyte", labels.numpy())
+    monkeypatch.setenv("IIF_DATA", str(root))
+    return root

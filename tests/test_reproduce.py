@@ -64,3 +64,52 @@ def test_aggregate_groups_and_orders():
     rows = aggregate(runs, "method", ["x"], order=["b"])
     assert [r["method"] for r in rows] == ["b", "a"] and rows[1]["x"] == 4.0 and rows[1]["n"] == 2
     assert load_runs("/nonexistent") == []
+
+
+def _fake_image_runs(root, metrics_by_method: dict[str, list[dict]], jsonl: dict[str, list[list[dict]]] | None = None):
+    for method, per_seed in metrics_by_method.items():
+        for seed, metrics in enumerate(per_seed):
+            d = root / f"{method}_seed{seed}"
+            d.mkdir(parents=True)
+            (d / "metrics.json").write_text(json.dumps({"method": method, "seed": seed, **metrics}))
+            rows = (jsonl or {}).get(method, [[]] * len(per_seed))[seed]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            torch.save(torch.rand(12, 1, 16, 16) * 2 - 1, d / "samples.pt")
+
+
+def test_table1_has_a_column_group_per_setting_and_checks_claims_per_setting(tmp_path, fake_mnist):
+    methods = ["base", "cg", "cg_oracle", "iif", "reward_only", "vargrad", "pathwise", "dpok", "am", "topk"]
+    for setting, shift in (("single", 0.0), ("even", 1.0)):
+        runs = {m: [{"reward_mean": -1.0 - shift + (0.5 if m == "vargrad" else 0.0) + 0.1 * s,
+                     "fid": 3.0 + (1.0 if m == "vargrad" else 0.0) + s, "reward_gap": 0.2 if m == "iif" else 0.5}
+                    for s in range(2)] for m in methods}
+        _fake_image_runs(tmp_path / "runs" / setting, runs)
+    assert reproduce(["table1", "--skip-runs", "--out", str(tmp_path)]) == 0
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert list(rows[0])[0] == "method" and [r["method"] for r in rows] == methods
+    iif = next(r for r in rows if r["method"] == "iif")
+    assert float(iif["single/reward_mean"]) == mean_se([-1.0, -0.9])[0]
+    assert float(iif["even/reward_mean"]) == mean_se([-2.0, -1.9])[0]
+    report = (tmp_path / "table.md").read_text()
+    assert report.count("PASS") == 5 and "FAIL" not in report, report
+    assert (tmp_path / "figure_single.png").stat().st_size > 0 and (tmp_path / "figure_even.png").exists()
+
+
+def test_figure2_curve_mean_standard_error_and_rises(tmp_path, fake_mnist):
+    # seed 0 falls 10, 8, 9 (a rise of 1 with s.e. 0.1 each: beyond noise), seed 1 falls 12, 10, 11
+    curves = [[10.0, 8.0, 9.0], [12.0, 10.0, 11.0]]
+    jsonl = {"iif": [[{"iteration": i + 1, "sc_loss": v, "sc_loss_se": 0.1} for i, v in enumerate(c)] for c in curves],
+             "base": [[], []]}
+    runs = {m: [{"sc_loss": 5.0, "consistency": 1.0 if m == "iif" else 9.0} for _ in range(2)] for m in ("base", "iif")}
+    _fake_image_runs(tmp_path / "runs", runs, jsonl)
+    assert reproduce(["figure2", "--skip-runs", "--out", str(tmp_path)]) == 0
+    lines = (tmp_path / "curve.csv").read_text().splitlines()
+    assert lines[0] == "iteration,sc_loss,sc_loss_se"
+    it, mean, se = lines[3].split(",")
+    assert int(it) == 3 and float(mean) == 10.0 and math.isclose(float(se), math.sqrt(2 * 0.1 ** 2) / 2)
+    report = (tmp_path / "table.md").read_text()
+    # the last iteration's rise of 1 > 2 x sqrt(2) x 0.0707: one rise in two steps
+    assert "rose beyond noise in 50% of steps" in report
+    assert "PASS: the SC loss falls" in report and "FAIL: the SC loss rises beyond noise" in report
+    assert "PASS: IIF's posterior samples agree" in report
+    assert (tmp_path / "curve.png").exists() and (tmp_path / "figure.png").exists()

@@ -1,9 +1,9 @@
 """``unet``: an image diffusion model, a diffusers ``UNet2DModel`` (the field's standard block), optionally
 class-conditional, on any Gaussian path.
 
-Weights come from a file (``weights``: a ``state_dict`` saved by ``torch.save``, e.g. by the suite's pretraining) or,
-with ``weights: null``, stay at their seeded random initialisation (tests and smoke runs). Pretraining on a dataset
-is a separate stage that writes such a file.
+Weights come from a file (``weights``: a ``state_dict`` saved by ``torch.save``), from the suite's pretraining stage
+(``pretrain``: trained on a dataset on first use and cached, ``iif.pretrain``), or, with neither, stay at their seeded
+random initialisation (tests and smoke runs).
 """
 from __future__ import annotations
 
@@ -57,22 +57,38 @@ class UNetBase(BaseModel):
         prediction_type: what the network predicts.
         block_out_channels, layers_per_block, norm_num_groups, attention: the UNet's size.
         num_classes: class-conditional with this many classes (the condition is a label ``[B]`` long), or None.
-        weights: a saved ``state_dict`` to load, or None (seeded random weights).
+        weights: a saved ``state_dict`` to load, or None.
+        pretrain: a :class:`~iif.pretrain.DenoiserPretraining` that trains the network on a dataset (cached), used when
+            ``weights`` is None; None too: seeded random weights.
         seed: the initialisation seed.
     """
 
     def __init__(self, schedule: GaussianPath, sample_shape=(1, 8, 8), prediction_type: str = "eps",
                  block_out_channels=(32, 64), layers_per_block: int = 1, norm_num_groups: int = 8,
-                 attention: bool = False, num_classes: int | None = None, weights: str | None = None, seed: int = 0):
+                 attention: bool = False, num_classes: int | None = None, weights: str | None = None, pretrain=None,
+                 seed: int = 0):
         super().__init__(schedule, tuple(sample_shape), prediction_type)
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.net = build_unet(self.sample_shape, block_out_channels, layers_per_block, norm_num_groups,
                                   num_classes, attention=attention)
-        self.num_classes, self.weights = num_classes, weights
+        self.num_classes, self.weights, self.pretrain = num_classes, weights, pretrain
         self.requires_grad_(False)
 
+    def _pretrain_key(self) -> dict:
+        return {"schedule": repr(self.schedule), "shape": list(self.sample_shape),
+                "prediction_type": self.prediction_type}
+
+    def cache_path(self) -> Path | None:
+        """Where pretraining caches the weights (None: the weights do not come from pretraining)."""
+        if self.weights is not None or self.pretrain is None:
+            return None
+        return self.pretrain.entry(self.net, self._pretrain_key()) / "weights.pt"
+
     def prepare(self) -> None:
+        if self.weights is None and self.pretrain is not None:
+            self.pretrain.load_or_train(self.net, self._pretrain_key(), base=self)
+            return
         if self.weights is None:
             log.info("unet base model: random weights (weights: null)")
             return

@@ -17,8 +17,9 @@ class ConvRewardInformedGuidance(Guidance):
 
     NN1 is a ``UNet2DModel`` on the ``3C`` channels ``[x_t, x0_hat, grad r(x0_hat)]`` (plus the condition's channels
     when the condition is an image, e.g. a measurement ``y``, resized to ``H x W``), with a class embedding when the
-    condition is a label; its output convolution is zero-initialised. NN2 is a scalar MLP of ``t``, zero-initialised.
-    So ``h == 0`` at initialisation. ``grad r`` is taken at the frozen base's Tweedie estimate, as an input feature.
+    condition is a label; its output convolution is zero-initialised. NN2 is a scalar MLP of ``t``, initialised to the
+    constant ``nn2_init`` (default 0: ``h == 0`` at initialisation). ``grad r`` is taken at the frozen base's Tweedie
+    estimate, as an input feature.
 
     Args:
         base: the frozen base model (sample shape).
@@ -27,13 +28,17 @@ class ConvRewardInformedGuidance(Guidance):
         num_classes: NN1 embeds a class-label condition (None: labels are not an input).
         cond_channels: channels of an image condition concatenated to NN1's input (0: none).
         t_dim, nn2_hidden: NN2's size.
+        nn2_init: NN2's value at initialisation, a constant (its last layer's bias; weights 0). 0 (default): ``h == 0``,
+            the first iteration samples the base model; ``a > 0``: the paper's MNIST choice ("NN2 initialised
+            constant"), the first iteration samples the base guided by ``a * grad r(x0_hat)`` (the path RND accounts
+            for it).
     """
 
     requires = frozenset({"differentiable_reward"})
 
     def __init__(self, base, reward: Reward, block_out_channels=(32, 64), layers_per_block: int = 1,
                  norm_num_groups: int = 8, num_classes: int | None = None, cond_channels: int = 0, t_dim: int = 32,
-                 nn2_hidden: int = 64):
+                 nn2_hidden: int = 64, nn2_init: float = 0.0):
         super().__init__()
         self.reward, self.num_classes, self.cond_channels = reward, num_classes, cond_channels
         self.base_schedule = base.schedule
@@ -43,6 +48,7 @@ class ConvRewardInformedGuidance(Guidance):
         torch.nn.init.zeros_(self.nn1.conv_out.weight)
         torch.nn.init.zeros_(self.nn1.conv_out.bias)
         self.nn2 = TimeMLP(0, 1, hidden=nn2_hidden, layers=2, t_dim=t_dim, zero_init=True)
+        torch.nn.init.constant_(self.nn2.head.bias, float(nn2_init))
 
     def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
         grad_r = self.reward.grad_log_tilt(x0_hat, cond).to(x.dtype)  # [B, C, H, W]

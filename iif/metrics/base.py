@@ -37,7 +37,14 @@ class Evaluation:
 
 
 class Evaluator(abc.ABC):
-    """Scores a method. Sampling inside an evaluation leaves the caller's random state untouched."""
+    """Scores a method. Sampling inside an evaluation leaves the caller's random state untouched.
+
+    Built with the run's ``base``, ``reward`` and ``sampler`` (the base model's own sampler, for references drawn
+    from it)."""
+
+    def prepare(self) -> None:
+        """Load or compute what the evaluator compares against (e.g. a cached Monte-Carlo reference); called once
+        before the run, after the base model and the reward are ready."""
 
     @abc.abstractmethod
     def __call__(self, method, run_seed: int = 0, figures: bool = False, label: str = "samples") -> Evaluation:

@@ -35,6 +35,7 @@ class ImageEvaluator(Evaluator):
 
     * ``reward_mean``: ``E[r(x_0)]`` (the run's reward; on decoded pixels for a latent model);
     * ``sc_loss``, ``kl_path``: ``E[sum_t ||Delta_t||^2/(2 c_t^2) - r/lambda]`` and its path-KL part (paths only);
+      ``sc_loss_se``: the standard error of the ``sc_loss`` estimate;
     * ``sample_nfe``: base evaluations per returned sample.
 
     Args:
@@ -45,7 +46,7 @@ class ImageEvaluator(Evaluator):
         n_grid: images in the figure.
     """
 
-    def __init__(self, base, reward, n_samples: int = 64, seed: int = 12345, n_grid: int = 16):
+    def __init__(self, base, reward, sampler=None, n_samples: int = 64, seed: int = 12345, n_grid: int = 16):
         if n_samples < 2 or n_grid < 1:
             raise ValueError(f"evaluation.n_samples must be >= 2 and n_grid >= 1, got {n_samples}, {n_grid}")
         self.base, self.reward = base, reward
@@ -54,13 +55,34 @@ class ImageEvaluator(Evaluator):
     def __call__(self, method, run_seed: int = 0, figures: bool = False, label: str = "samples") -> Evaluation:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed + 1000 * run_seed)
-            traj = method.sample(self.n_samples)
+            traj = method.sample(self.n_samples, cond=self.conditions(self.n_samples))
         log_tilt = self.reward.log_tilt(traj.x0, traj.cond).double().cpu()
         metrics = {"reward_mean": (log_tilt * self.reward.temperature).mean().item(), "sample_nfe": traj.nfe}
         if traj.control_cost is not None:
-            metrics["sc_loss"] = (traj.control_cost.cpu() - log_tilt).mean().item()
+            sc = traj.control_cost.cpu().double() - log_tilt
+            metrics["sc_loss"] = sc.mean().item()
+            metrics["sc_loss_se"] = (sc.std() / sc.numel() ** 0.5).item()
             metrics["kl_path"] = traj.control_cost.mean().item()
         with torch.no_grad():
             pixels = self.base.decode(traj.x0).cpu()
         figs = {"samples": image_grid(pixels[: self.n_grid], label)} if figures else {}
         return Evaluation(metrics, pixels, figs)
+
+    def conditions(self, n: int) -> Tensor | None:
+        """The conditions of the evaluated samples ``[n, ...]``; None: drawn by the method's condition source."""
+        return None
+
+    def figure(self, panels: dict[str, Tensor], n: int = 10):
+        """One row per entry of ``panels`` (name: images ``[m, C, H, W]``), its first ``n`` images."""
+        from iif.plotting import plt
+
+        fig, axes = plt.subplots(len(panels), n, figsize=(n * 0.9, len(panels) * 0.95 + 0.2), squeeze=False)
+        for row, (name, x) in zip(axes, panels.items()):
+            for ax, img in zip(row, x[:n].float()):
+                img = ((img.clamp(-1, 1) + 1) / 2).permute(1, 2, 0).numpy()
+                ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=1)
+            for ax in row:
+                ax.axis("off")
+            row[0].text(-0.15, 0.5, name, transform=row[0].transAxes, ha="right", va="center", fontsize=8)
+        fig.tight_layout()
+        return fig

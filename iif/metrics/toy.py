@@ -55,7 +55,7 @@ class ToyEvaluator(Evaluator):
         n_plot: samples drawn in each scatter panel of the figure.
     """
 
-    def __init__(self, base, reward, n_samples: int = 10_000, n_energy: int = 2048, seed: int = 12345,
+    def __init__(self, base, reward, sampler=None, n_samples: int = 10_000, n_energy: int = 2048, seed: int = 12345,
                  n_plot: int = 4000):
         if n_samples < 2 or n_energy < 2:
             raise ValueError("evaluation needs at least 2 samples")

@@ -40,6 +40,10 @@ class Reward(abc.ABC):
         self.name = name or type(self).__name__
         self.evals = self.grad_evals = 0
 
+    def prepare(self) -> None:
+        """Load or train what the reward needs (a classifier's pretraining; called once, after the config was
+        validated, like the base model's)."""
+
     def __call__(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         """Raw reward ``r(x | cond)``: ``[B, *shape] -> [B]``."""
         self.evals += x.shape[0]

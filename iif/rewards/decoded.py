@@ -24,5 +24,8 @@ class DecodedReward(Reward):
         self.inner, self.decode = reward, decode
         self.differentiable = reward.differentiable
 
+    def prepare(self) -> None:
+        self.inner.prepare()
+
     def evaluate(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
         return self.inner.evaluate(self.decode(x), cond)

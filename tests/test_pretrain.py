@@ -1,0 +1,82 @@
+"""The pretraining stage (iif/pretrain.py): cached by a hash of its configuration, complete entries only, the
+classifier's accuracy floor; and the data sets it trains on."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from iif.base_models.unet import UNetBase
+from iif.data.sets import MNIST
+from iif.pretrain import ClassifierPretraining, DenoiserPretraining, accuracy
+from iif.rewards.classifier import ClassifierReward
+from iif.schedules.vp import VPSchedule
+from iif.utils import RunError
+
+
+def _base(fake_mnist, tmp_path, steps=30, seed=0):
+    data = MNIST(str(fake_mnist), size=8)
+    pre = DenoiserPretraining(data, steps=steps, batch_size=16, seed=seed, cache_dir=str(tmp_path / "cache"))
+    return UNetBase(VPSchedule(), (1, 8, 8), block_out_channels=(8, 16), norm_num_groups=4, pretrain=pre)
+
+
+def test_denoiser_pretraining_is_cached_and_reused(fake_mnist, tmp_path):
+    base = _base(fake_mnist, tmp_path)
+    before = {k: v.clone() for k, v in base.net.state_dict().items()}
+    base.prepare()
+    entries = list((tmp_path / "cache").glob("denoiser-*"))
+    assert len(entries) == 1
+    files = {p.name for p in entries[0].iterdir()}
+    assert {"weights.pt", "meta.json", "loss.png", "samples.png"} <= files
+    meta = json.loads((entries[0] / "meta.json").read_text())
+    assert meta["key"]["train"]["steps"] == 30 and meta["params"] > 0 and meta["final_loss"] > 0
+    trained = base.net.state_dict()
+    assert any(not torch.equal(before[k], trained[k]) for k in before)  # training changed the weights
+
+    again = _base(fake_mnist, tmp_path)  # same configuration: loaded, not retrained
+    (entries[0] / "loss.png").unlink()  # a retraining would write it again
+    again.prepare()
+    assert all(torch.equal(trained[k], again.net.state_dict()[k]) for k in trained)
+    assert not (entries[0] / "loss.png").exists()
+
+    other = _base(fake_mnist, tmp_path, seed=1)  # another configuration: another entry
+    assert other.pretrain.entry(other.net, {"x": 1}) != again.pretrain.entry(again.net, {"x": 1})
+
+
+def test_denoiser_loss_is_the_epsilon_loss_written_out(fake_mnist, tmp_path):
+    base = _base(fake_mnist, tmp_path)
+    x = torch.randn(4, 1, 8, 8)
+    gen = torch.Generator().manual_seed(3)
+    loss = base.pretrain.loss(base.net, x, None, gen, base=base)
+    gen = torch.Generator().manual_seed(3)  # the same draws, by hand
+    t = 1e-3 + (1 - 1e-3) * torch.rand(4, generator=gen)
+    eps = torch.randn(x.shape, generator=gen)
+    sched = VPSchedule()
+    a = sched.alpha(t.double()).float().view(-1, 1, 1, 1)
+    s = sched.sigma(t.double()).float().view(-1, 1, 1, 1)
+    pred = base.net(a * x + s * eps, 1000 * t).sample
+    assert torch.allclose(loss, ((pred - eps) ** 2).mean(), rtol=1e-5)
+
+
+def test_classifier_pretraining_learns_and_enforces_its_floor(fake_mnist, tmp_path):
+    data = MNIST(str(fake_mnist), size=16)
+    pre = ClassifierPretraining(data, steps=150, batch_size=32, lr=3e-3, cache_dir=str(tmp_path / "c"))
+    reward = ClassifierReward(classes=[3], width=8, pretrain=pre)
+    reward.prepare()
+    acc = json.loads(next((tmp_path / "c").glob("classifier-*/meta.json")).read_text())["test_acc"]
+    assert acc == accuracy(reward.net, *data.test()) and acc > 0.9  # the bar position is easy to read
+
+    floor = ClassifierPretraining(data, steps=2, batch_size=8, min_test_acc=0.99, cache_dir=str(tmp_path / "d"))
+    with pytest.raises(RunError, match="below min_test_acc"):
+        ClassifierReward(classes=[3], width=8, pretrain=floor).prepare()
+    assert not list((tmp_path / "d").glob("*/weights.pt"))  # nothing half-made looks complete
+
+
+def test_data_sets_select_classes(fake_mnist):
+    data = MNIST(str(fake_mnist), size=8)
+    images, labels = data.test()
+    assert images.shape == (100, 1, 8, 8) and images.min() >= -1 and images.max() <= 1
+    even = data.of_classes("test", [0, 2, 4, 6, 8])
+    assert even.shape[0] == int((labels % 2 == 0).sum()) == 50
+    assert data.key() == {"dataset": "MNIST", "size": 8}  # the folder is not part of the cache key
