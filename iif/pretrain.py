@@ -133,19 +133,19 @@ class DenoiserPretraining(Pretraining):
     ``L = E_{t ~ U(t_min, 1), x_0 ~ data, eps} ||eps_theta(alpha(t) x_0 + sigma(t) eps, t) - eps||^2``.
 
     ``context``: ``base``, the :class:`~iif.base_models.base.BaseModel` whose network is trained (its schedule and its
-    conversion of the prediction to ``eps``). The report is a grid of samples drawn with ``report_sampler``.
+    conversion of the prediction to ``eps``). The report is a grid of DDPM samples.
 
     Args:
         t_min: smallest training time.
-        report_sampler: the sampler of the grid in ``samples.png`` (default: DDPM, 100 steps).
+        report_steps: DDPM steps of the 64 samples in ``samples.png``.
         (the rest: :class:`Pretraining`)
     """
 
     name = "denoiser"
 
-    def __init__(self, data, t_min: float = 1e-3, report_sampler=None, **kwargs):
+    def __init__(self, data, t_min: float = 1e-3, report_steps: int = 100, **kwargs):
         super().__init__(data, **kwargs)
-        self.t_min, self.report_sampler = float(t_min), report_sampler
+        self.t_min, self.report_steps = float(t_min), int(report_steps)
 
     def key(self, net, extra=None):
         return {**super().key(net, extra), "t_min": self.t_min}
@@ -162,7 +162,7 @@ class DenoiserPretraining(Pretraining):
         from iif.metrics.images import image_grid
         from iif.samplers.ddpm import DDPMSampler
 
-        sampler = self.report_sampler or DDPMSampler(n_steps=100)
+        sampler = DDPMSampler(n_steps=self.report_steps)
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(self.seed)
             x = sampler.sample(base, None, 64).x0.cpu()

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import re
 import os
 import subprocess
 import sys
@@ -51,7 +53,7 @@ def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[st
     parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "torch_threads=1"] if jobs > 1 else []
     cmd = [sys.executable, "-m", "iif.train", "-m", f"experiment={experiment_of(spec, scale)}",
            f"method={','.join(methods or spec.methods)}", f"seed={','.join(map(str, seeds))}",
-           *spec.overrides, *spec.scales[scale], *parallel, *extra, *method_overrides,
+           *spec.overrides, *spec.scales[scale], *parallel, *method_overrides, *extra,  # the user's last: they win
            f"hydra.sweep.dir={runs_dir}",
            f"hydra.sweep.subdir={subdir or '${hydra:runtime.choices.method}_seed${seed}'}"]
     print("+", " ".join(cmd), flush=True)
@@ -126,23 +128,19 @@ def check_claims(spec, tables: dict[str, dict]) -> list[str]:
             verdict = "PASS" if ok else "FAIL"
         except KeyError as e:
             verdict = f"SKIP (no {e} row)"
-        out.append(f"{verdict}: {check.claim} — {check.expr} ({_numbers(check.expr, tables)})")
+        out.append(f"{verdict}: {check.claim} — {check.expr} ({_numbers(check.expr, names)})")
     return out
 
 
-def _numbers(expr: str, tables: dict[str, dict]) -> str:
+def _numbers(expr: str, names: dict) -> str:
+    """The values an expression reads, ``name['key']`` or ``name['key']['method']``, as ``name[key][method]=v``."""
     nums = []
-    for setting, table in tables.items():
-        for m, d in table.items():
-            if not isinstance(d, dict):
-                if m in expr:
-                    nums.append(f"{m}={d:.4g}")
-                continue
-            for k, v in d.items():
-                if f"'{m}'" in expr or (not setting and m in expr):
-                    if f"'{k}'" in expr and (not setting or setting in expr):
-                        nums.append(f"{setting + '.' if setting else ''}{m}[{k}]={v:.4g}")
-    return ", ".join(nums)
+    for name, key, sub in re.findall(r"(\w+)\['([^']+)'\](?:\['([^']+)'\])?", expr):
+        value = names.get(name, {}).get(key)
+        value = value.get(sub) if sub and isinstance(value, dict) else value
+        if isinstance(value, (int, float)):
+            nums.append(f"{name}[{key}]" + (f"[{sub}]" if sub else "") + f"={value:.4g}")
+    return ", ".join(dict.fromkeys(nums))
 
 
 def make_figure(spec, scale: str, rows: list[dict], out_path: Path, overrides: list[str]) -> None:
@@ -176,6 +174,9 @@ def curve(spec, runs: list[dict], out_dir: Path) -> dict:
     if not series:
         raise SystemExit(f"iif-reproduce: error: no run of {c.method} logged {c.metric} (eval_every)")
     iters = sorted(set.intersection(*(set(s) for s in series)))
+    if not iters:
+        raise SystemExit(f"iif-reproduce: error: the runs of {c.method} share no evaluated iteration of {c.metric} "
+                         "(set eval_every in the spec's scale)")
     mean = [sum(s[i][0] for s in series) / len(series) for i in iters]
     se = [math.sqrt(sum(s[i][1] ** 2 for s in series)) / len(series) for i in iters]
     z = float(c.get("z", 2.0))
@@ -216,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
     args.overrides = argv[cut + 1:]
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")  # pretraining, references
 
     spec = load_spec(args.artifact)
     if args.scale not in spec.scales:

@@ -69,12 +69,16 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
     except Exception:
         rundir.cleanup_failed_start(run_dir)
         raise
-    if main:
-        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        comp.prepare()  # may pretrain base model and classifier, compute a reference (cached)
-    ranks.barrier()  # every process has read the checkpoint before rank 0 writes one, and the base model's cache
-    if not main:
-        comp.prepare()
+    try:  # may pretrain the base model and a classifier, fetch data, compute a reference (all cached)
+        if main:
+            atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            comp.prepare()
+        ranks.barrier()  # every process has read the checkpoint before rank 0 writes one, and the base model's cache
+        if not main:
+            comp.prepare()
+    except Exception:
+        rundir.cleanup_failed_start(run_dir)  # e.g. missing data: one error line, no half-made run directory
+        raise
     ranks.check_replicated(comp.base.state_dict(), "the base model's weights")
 
     start, wall_s, run_id = 0, 0.0, None

