@@ -41,7 +41,7 @@ def build(cfg: DictConfig, device: torch.device = torch.device("cpu")) -> Compon
         # the problem's data distribution (the toy's GMM), for base models built from it; `prior: null`: none
         data = {} if cfg.prior is None else {"prior": instantiate(cfg.prior)}
         base = instantiate(cfg.base_model, **data).place(device)  # with its schedule (base_model.schedule)
-        reward = instantiate(cfg.reward)
+        reward = instantiate(cfg.reward).place(device)  # a classifier reward pretrains on the run's device
         if base.latent:  # methods see latents, the reward sees pixels
             reward = DecodedReward(reward, base.decode)
         guidance = instantiate(cfg.guidance, base=base, reward=reward).to(device)

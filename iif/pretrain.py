@@ -7,6 +7,11 @@ loss curve) and, for a diffusion model, ``samples.png`` (a grid of its samples).
 atomically, so an interrupted pretraining leaves no entry that looks complete; a second run with the same
 configuration loads it. ``cache_dir`` is the run's ``cache_dir`` (``IIF_CACHE`` moves it).
 
+Weights the suite made at CI scale ship with the package (``iif/weights/<name>-<hash>/``: ``weights.pt`` and a
+``meta.json`` with the command and seed that made them, ``scripts/ship_weights.py``): an entry missing from the cache
+but shipped is loaded from there (``shipped: false`` trains it instead). Their names are the same hash, so any change
+of configuration, architecture or training code misses them and pretrains.
+
 Pretraining draws from its own seeded generator (the weights depend on ``seed`` only, not on the run's random
 state) and, with ``bf16``, runs the forward pass under bfloat16 autocast (the weights stay float32).
 
@@ -31,6 +36,7 @@ from iif.utils import atomic_torch_save, atomic_write_text, progress_enabled
 log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 VERSION = 1  # bump when the training code changes what a configuration produces
+SHIPPED = Path(__file__).resolve().parent / "weights"  # pretrained entries that ship with the package
 
 
 class Pretraining:
@@ -43,17 +49,19 @@ class Pretraining:
         seed: initialisation and data order.
         bf16: forward passes under bfloat16 autocast (CPU and CUDA).
         cache_dir: the cache's folder.
+        shipped: load an entry that ships with the package (``SHIPPED``) when the cache has none; not part of the
+            key (the shipped weights are the ones this configuration trains).
     """
 
     name = "net"
 
     def __init__(self, data, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                 bf16: bool = False, cache_dir: str = "outputs/cache"):
+                 bf16: bool = False, cache_dir: str = "outputs/cache", shipped: bool = True):
         if steps < 1 or batch_size < 1 or not lr > 0:
             raise ValueError(f"pretraining needs steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, "
                              f"{lr}")
         self.data, self.steps, self.batch_size, self.lr = data, int(steps), int(batch_size), float(lr)
-        self.seed, self.bf16, self.cache_dir = int(seed), bool(bf16), Path(cache_dir)
+        self.seed, self.bf16, self.cache_dir, self.shipped = int(seed), bool(bf16), Path(cache_dir), bool(shipped)
 
     # ---- the cache
     def key(self, net: nn.Module, extra: dict | None = None) -> dict:
@@ -66,15 +74,25 @@ class Pretraining:
         digest = hashlib.sha256(json.dumps(self.key(net, extra), sort_keys=True).encode()).hexdigest()[:16]
         return self.cache_dir / f"{self.name}-{digest}"
 
+    def weights_path(self, net: nn.Module, extra: dict | None = None) -> Path:
+        """The weights file of this configuration: the cache's, else the shipped one (if ``shipped``), else the
+        cache's that pretraining will write."""
+        folder = self.entry(net, extra)
+        shipped = SHIPPED / folder.name / "weights.pt"
+        if self.shipped and not (folder / "weights.pt").exists() and shipped.exists():
+            return shipped
+        return folder / "weights.pt"
+
     def load_or_train(self, net: nn.Module, extra: dict | None = None, **context) -> Path:
-        """Load ``net``'s weights from the cache, or train it and fill the cache; returns the entry's folder.
+        """Load ``net``'s weights from the cache (or the shipped entries), or train it and fill the cache; returns the
+        folder the weights are in.
         ``context``: what the loss needs besides the network (e.g. the diffusion path)."""
         folder = self.entry(net, extra)
-        weights = folder / "weights.pt"
+        weights = self.weights_path(net, extra)
         if weights.exists():
             net.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
-            log.info("%s loaded from %s", self.name, folder)
-            return folder
+            log.info("%s loaded from %s", self.name, weights.parent)
+            return weights.parent
         log.info("pretraining %s (%d steps, batch %d); cached at %s", self.name, self.steps, self.batch_size, folder)
         t0 = time.perf_counter()
         losses = self.fit(net, **context)

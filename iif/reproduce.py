@@ -87,13 +87,14 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], jobs: int) -> dict[
 
 def prepare_base(spec, scale: str, extra: list[str]) -> None:
     """Pretrain (or load) the shared base model, classifier and reference once, before parallel runs would each
-    try to."""
+    try to; on the runs' device (``-- device=cuda``)."""
+    from iif import device as devices
     from iif.build import build
     from iif.config import compose
 
     cfg, _ = compose([f"experiment={experiment_of(spec, scale)}", *spec.overrides, *spec.scales[scale], *extra,
                       "logger=none"])
-    build(cfg).prepare()
+    build(cfg, devices.resolve(cfg.get("device", "cpu"))).prepare()
 
 
 def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int) -> None:
@@ -206,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     p.add_argument("--out", default=None, help="output folder (default outputs/ARTIFACT)")
     p.add_argument("--skip-runs", action="store_true", help="only aggregate existing run directories")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="pretrain (or load) what every run shares (the base model, a classifier, each setting's "
+                        "reference), then stop")
     p.epilog = "Hydra overrides for every run go after --, e.g. iif-reproduce figure1 --seeds 0 -- iterations=20"
     p.add_argument("--jobs", type=int, default=1,
                    help="runs in parallel on this machine, one torch thread each (joblib launcher); default 1: one "
@@ -227,6 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     metrics = list(spec.metrics)
     tables, sections, all_rows = {}, [], []
+    if args.prepare_only:
+        for overrides in settings_of(spec).values():
+            prepare_base(spec, args.scale, [*overrides, *args.overrides])
+        print(f"iif-reproduce: {spec.name} --scale {args.scale} prepared in {time.perf_counter() - t0:.0f} s", flush=True)
+        return 0
     for setting, overrides in settings_of(spec).items():
         runs_dir = out_dir / "runs" / setting if setting else out_dir / "runs"
         extra = [*overrides, *args.overrides]
@@ -243,8 +252,14 @@ def main(argv: list[str] | None = None) -> int:
         make_figure(spec, args.scale, rows, out_dir / f"figure{suffix}.png", [*spec.scales[args.scale], *extra])
         if spec.get("curve"):
             tables[setting]["curve"] = curve(spec, runs, out_dir)
+        label = f" ({setting})" if setting else ""
+        note = ""
+        if spec.get("facts"):  # the same on every run of the setting (e.g. the reference): one line
+            facts = {k: runs[0][k] for k in spec.facts if k in runs[0]}
+            note += f"\n{spec.get('facts_title', 'facts')}{label}: " + ", ".join(f"{k} = {v:.4g}" for k, v in facts.items())
         tuned = runs_dir / "tuned.json"
-        note = f"\ntuned: {tuned.read_text()}" if tuned.exists() else ""
+        if tuned.exists():
+            note += f"\ntuned{label}: " + ", ".join(f"{m}: {o}" for m, o in json.loads(tuned.read_text()).items())
         sections.append((setting, rows, note))
         all_rows.append((setting, rows))
     md = write_combined(all_rows, metrics, out_dir)

@@ -14,7 +14,7 @@ from iif.config import CONF_DIR, compose
 METHODS = sorted(p.stem for p in (CONF_DIR / "method").glob("*.yaml"))
 BASE_MODELS = sorted(p.stem for p in (CONF_DIR / "base_model").glob("*.yaml"))
 EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
-PER_OPTION = ("method", "base_model", "buffer", "evaluation")  # groups with debug/<group>/<debug>_<option>.yaml
+PER_OPTION = ("method", "base_model", "buffer", "reward", "evaluation")  # groups with debug/<group>/<debug>_<option>.yaml
 METHOD_SIZES = ("n_samples", "grad_steps", "batch_size")  # a method's sizes that debug=fast must shrink
 
 

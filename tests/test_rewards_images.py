@@ -190,3 +190,19 @@ def test_classifier_label_condition_grad():
     an = (reward.grad_log_tilt(x, labels) * v).flatten(1).sum(1)
     fd = _fd_directional(lambda z: torch.log_softmax(reward.net(z), -1)[torch.arange(2), labels], x, v, 1e-5)
     torch.testing.assert_close(an, fd, rtol=1e-4, atol=1e-6)
+
+
+def test_classifier_is_placed_on_the_run_device_before_it_pretrains():
+    """``build`` places the reward like the base model, so a classifier pretrains on the run's device (the meta
+    device stands in for a GPU here), and a decoded reward places the pixel reward it wraps."""
+    from iif.rewards.decoded import DecodedReward
+
+    reward = ClassifierReward(classes=[3])
+    assert reward.place(torch.device("meta")) is reward
+    assert {p.device.type for p in reward.net.parameters()} == {"meta"}
+    inner = ClassifierReward(classes=[3])
+    decoded = DecodedReward(inner, decode=lambda z: z)
+    assert decoded.place(torch.device("meta")) is decoded
+    assert {p.device.type for p in inner.net.parameters()} == {"meta"}
+    gmm_like = SuperResolutionReward()
+    assert gmm_like.place(torch.device("meta")) is gmm_like  # no network: nothing to move, still chainable

@@ -80,10 +80,11 @@ class UNetBase(BaseModel):
                 "prediction_type": self.prediction_type}
 
     def cache_path(self) -> Path | None:
-        """Where pretraining caches the weights (None: the weights do not come from pretraining)."""
+        """Where the pretrained weights are (the cache, or shipped with the package) or will be cached (None: the
+        weights do not come from pretraining)."""
         if self.weights is not None or self.pretrain is None:
             return None
-        return self.pretrain.entry(self.net, self._pretrain_key()) / "weights.pt"
+        return self.pretrain.weights_path(self.net, self._pretrain_key())
 
     def prepare(self) -> None:
         if self.weights is None and self.pretrain is not None:

@@ -74,7 +74,7 @@ class ClassTiltEvaluator(ImageEvaluator):
         self.n_reference, self.n_resample, self.reference_seed = int(n_reference), int(n_resample), reference_seed
         self.batch_size, self.cache_dir = int(batch_size), Path(cache_dir)
         self.reference: dict | None = None
-        self._fid_real = self._fid_ref = None
+        self._fid_real = self._fid_ref = self._real = None
 
     # ---- the reference
     def reference_path(self) -> Path:
@@ -84,6 +84,9 @@ class ClassTiltEvaluator(ImageEvaluator):
         return self.cache_dir / f"reference-{key}"
 
     def prepare(self) -> None:
+        """Load the test images of the reward's classes (a missing dataset fails here, before any training), then
+        load or compute the SNIS reference."""
+        self._real = self.data.of_classes("test", self.reward.classes.tolist())
         folder = self.reference_path()
         if (folder / "reference.pt").exists():
             self.reference = torch.load(folder / "reference.pt", weights_only=True)
@@ -146,8 +149,7 @@ class ClassTiltEvaluator(ImageEvaluator):
         result = super().__call__(method, run_seed, figures, label)
         pixels = result.samples
         if self._fid_real is None:
-            real = self.data.of_classes("test", self.reward.classes.tolist())
-            self._fid_real = FeatureFID(self.features, real)
+            self._fid_real = FeatureFID(self.features, self._real)
             self._fid_ref = FeatureFID(self.features, self.reference["images"])
         summary = self.reference["summary"]
         labels = self.predict(pixels)

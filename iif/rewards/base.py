@@ -40,6 +40,11 @@ class Reward(abc.ABC):
         self.name = name or type(self).__name__
         self.evals = self.grad_evals = 0
 
+    def place(self, device: torch.device) -> "Reward":
+        """Move the reward's networks to ``device`` (before :meth:`prepare`, so a classifier pretrains there);
+        returns ``self``. A reward without networks has nothing to move."""
+        return self
+
     def prepare(self) -> None:
         """Load or train what the reward needs (a classifier's pretraining; called once, after the config was
         validated, like the base model's)."""

@@ -76,6 +76,15 @@ class ClassifierReward(Reward):
             self.net.load_state_dict(torch.load(weights, weights_only=True, map_location="cpu"))
         self.pretrain = pretrain if weights is None else None
 
+    def place(self, device: torch.device) -> "ClassifierReward":
+        self.net.to(device)
+        return self
+
+    def cache_path(self) -> Path | None:
+        """Where the pretrained classifier's weights are (the cache, or shipped with the package) or will be cached
+        (None: the weights do not come from pretraining)."""
+        return None if self.pretrain is None else self.pretrain.weights_path(self.net)
+
     def prepare(self) -> None:
         if self.pretrain is not None:
             self.pretrain.load_or_train(self.net)

@@ -24,6 +24,10 @@ class DecodedReward(Reward):
         self.inner, self.decode = reward, decode
         self.differentiable = reward.differentiable
 
+    def place(self, device: torch.device) -> "DecodedReward":
+        self.inner.place(device)
+        return self
+
     def prepare(self) -> None:
         self.inner.prepare()
 
