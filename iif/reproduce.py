@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import torch
@@ -47,20 +48,31 @@ def settings_of(spec) -> dict[str, list[str]]:
     return {str(k): list(v) for k, v in (spec.get("settings") or {"": []}).items()}
 
 
+def run_overrides(spec, scale: str, extra: list[str] = (), method_overrides: list[str] = ()) -> list[str]:
+    """The overrides of a run of the artifact at ``scale`` (besides ``method`` and ``seed``), in the order they
+    apply: the experiment, the spec's, the scale's, the method's (its sizes, a tuned value), then ``extra`` (a
+    setting's and the user's: they win)."""
+    return [f"experiment={experiment_of(spec, scale)}", *spec.overrides, *spec.scales[scale], *method_overrides,
+            *extra]
+
+
 def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int,
-              methods: list[str] | None = None, method_overrides: list[str] = (), subdir: str | None = None) -> None:
-    """One Hydra multirun over methods x seeds; ``jobs > 1`` runs them in parallel (joblib launcher, 1 thread each)."""
-    parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}", "torch_threads=1"] if jobs > 1 else []
-    cmd = [sys.executable, "-m", "iif.train", "-m", f"experiment={experiment_of(spec, scale)}",
-           f"method={','.join(methods or spec.methods)}", f"seed={','.join(map(str, seeds))}",
-           *spec.overrides, *spec.scales[scale], *parallel, *method_overrides, *extra,  # the user's last: they win
+              methods: list[str] | None = None, method_overrides: list[str] = (), subdir: str | None = None,
+              threads: int | None = None) -> None:
+    """One Hydra multirun over methods x seeds; ``jobs > 1`` runs them in parallel (joblib launcher, 1 thread each);
+    ``threads``: torch threads of each run (default: all cores, one with ``jobs > 1``)."""
+    parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
+    threads = threads or (1 if jobs > 1 else None)
+    parallel += [f"torch_threads={threads}"] if threads else []
+    cmd = [sys.executable, "-m", "iif.train", "-m", *parallel, f"method={','.join(methods or spec.methods)}",
+           f"seed={','.join(map(str, seeds))}", *run_overrides(spec, scale, extra, method_overrides),
            f"hydra.sweep.dir={runs_dir}",
            f"hydra.sweep.subdir={subdir or '${hydra:runtime.choices.method}_seed${seed}'}"]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={"WANDB_SILENT": "true", **os.environ})
 
 
-def tune(spec, scale: str, runs_dir: Path, extra: list[str], jobs: int) -> dict[str, str]:
+def tune(spec, scale: str, runs_dir: Path, extra: list[str], jobs: int, threads: int | None = None) -> dict[str, str]:
     """Choose the parameter of each method of ``spec.tune`` by its criterion: one run per grid value of the tuning
     method (``tune.<m>.method``, default ``m``) with the tuning seed (not one of the reported seeds), then the value
     whose ``metric`` is best. Runs sharing a grid are made once. Returns ``{method: "key=value"}``, also written to
@@ -73,7 +85,7 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], jobs: int) -> dict[
         if (grid_method, t.key) not in done and not all((folder / f"v{v}" / "metrics.json").exists() for v in values):
             run_sweep(spec, scale, [int(t.get("seed", 100))], folder.resolve(), extra, jobs, methods=[grid_method],
                       method_overrides=[*method_overrides(spec, scale, grid_method), f"{t.key}={','.join(values)}"],
-                      subdir=f"v${{{t.key}}}")
+                      subdir=f"v${{{t.key}}}", threads=threads)
         done.add((grid_method, t.key))
         scores = {v: json.loads((folder / f"v{v}" / "metrics.json").read_text())[t.metric] for v in values}
         pick = (min if t.get("goal", "min") == "min" else max)(scores, key=scores.get)
@@ -92,24 +104,42 @@ def prepare_base(spec, scale: str, extra: list[str]) -> None:
     from iif.build import build
     from iif.config import compose
 
-    cfg, _ = compose([f"experiment={experiment_of(spec, scale)}", *spec.overrides, *spec.scales[scale], *extra,
-                      "logger=none"])
+    cfg, _ = compose([*run_overrides(spec, scale, extra), "logger=none"])
     build(cfg, devices.resolve(cfg.get("device", "cpu"))).prepare()
 
 
 def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int) -> None:
-    """Tuning, then the methods: those with neither per-method overrides (``spec.method_overrides[scale]``) nor a
-    tuned value in one multirun, each other method in its own."""
+    """Pretraining and references once; then the tuning grid and the methods' multiruns (each method with its own
+    sizes, ``spec.method_overrides[scale]``, and its tuned value), the tuned methods after the tuning.
+
+    With ``jobs > 1``, ``jobs`` multiruns at a time, each one process with one torch thread running its seeds in
+    turn, so that one multirun's start-up overlaps another's compute (a joblib pool per multirun left the cores idle
+    between multiruns). A multirun is a method (one start-up for its seeds) when there are at least two methods per
+    job, else a single run (figure2's two methods: no core idles while one method's seeds run in turn)."""
     prepare_base(spec, scale, extra)
-    chosen = tune(spec, scale, runs_dir, extra, jobs)
-    own = {m: [*method_overrides(spec, scale, m), *([chosen[m]] if m in chosen else [])] for m in spec.methods}
-    plain = [m for m in spec.methods if not own[m]]
-    if plain:
-        run_sweep(spec, scale, seeds, runs_dir.resolve(), extra, jobs, methods=plain)
-    for method in spec.methods:
-        if own[method]:
-            run_sweep(spec, scale, seeds, runs_dir.resolve(), extra, jobs, methods=[method],
-                      method_overrides=own[method])
+    runs_dir = runs_dir.resolve()
+    tuned = set(spec.get("tune") or {})
+    per_method = jobs <= 1 or len(spec.methods) >= 2 * jobs
+    tasks = ([(m, list(seeds)) for m in spec.methods] if per_method
+             else [(m, [seed]) for m in spec.methods for seed in seeds])
+    threads = 1 if jobs > 1 else None
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        tuning = pool.submit(tune, spec, scale, runs_dir, extra, 1, threads)
+
+        def run_task(method: str, task_seeds: list[int]) -> None:
+            own = [*method_overrides(spec, scale, method), *([tuning.result()[method]] if method in tuned else [])]
+            run_sweep(spec, scale, task_seeds, runs_dir, extra, 1, methods=[method], method_overrides=own,
+                      threads=threads)
+
+        # untuned methods first, so that the tuning (submitted first) has finished when a tuned one starts
+        futures = [pool.submit(run_task, m, s) for m, s in sorted(tasks, key=lambda task: task[0] in tuned)]
+        try:
+            for f in as_completed([tuning, *futures]):
+                f.result()  # the first failure stops what has not started, and is raised
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
 
 
 def method_overrides(spec, scale: str, method: str) -> list[str]:
@@ -212,9 +242,8 @@ def main(argv: list[str] | None = None) -> int:
                         "reference), then stop")
     p.epilog = "Hydra overrides for every run go after --, e.g. iif-reproduce figure1 --seeds 0 -- iterations=20"
     p.add_argument("--jobs", type=int, default=1,
-                   help="runs in parallel on this machine, one torch thread each (joblib launcher); default 1: one "
-                        "after another with all cores. On 2 cores, 2 jobs give 1.5x the throughput (make run uses "
-                        "JOBS=2)")
+                   help="runs in parallel on this machine, one torch thread each; default 1: one after another "
+                        "with all cores. On 2 cores, 2 jobs give 1.5x the throughput (make run uses JOBS=2)")
     argv = list(sys.argv[1:] if argv is None else argv)
     # Hydra overrides follow `--`; split them off first (argparse cannot take options between a positional and a
     # trailing `nargs="*"` positional: `figure1 --seeds 0 -- x=1` would be refused)

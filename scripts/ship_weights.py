@@ -29,13 +29,12 @@ def pretrained_paths(spec, scale: str, extra: list[str]) -> tuple[list[Path], li
 
     from iif.build import build
     from iif.config import compose
-    from iif.reproduce import experiment_of, settings_of
+    from iif.reproduce import run_overrides, settings_of
 
     paths: list[Path] = []
     off: list[str] = []
     for overrides in settings_of(spec).values():
-        common = [f"experiment={experiment_of(spec, scale)}", *spec.overrides, *spec.scales[scale], *overrides,
-                  *extra, "logger=none"]
+        common = [*run_overrides(spec, scale, [*overrides, *extra]), "logger=none"]
         cfg, _ = compose(common)
         off = [f"{key}=false" for key in SWITCHES if OmegaConf.select(cfg, key) is not None]
         cfg, _ = compose([*common, *off])

@@ -1,6 +1,7 @@
 """Condition sources: draws and how they reach the guidance."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from iif.base_models.unet import UNetBase
@@ -59,3 +60,29 @@ def test_amortised_guidance_receives_the_measurement():
     h1, h2, h3 = g(x, t, x0_hat, y), g(x, t, x0_hat, y.clone()), g(x, t, x0_hat, y + 1.0)
     assert torch.equal(h1, h2)
     assert (h1 - h3).abs().max() > 1e-3
+
+
+def test_nn1_sees_the_scaled_reward_gradient_and_nn2_the_raw_one():
+    """``h = NN1([x, x0_hat, s grad r, y]) + NN2(t) grad r``: NN1's third input channel is ``s`` times the reward
+    gradient at ``x0_hat`` (e.g. ``s = sigma_y^2`` for super-resolution), NN2's term uses the unscaled gradient
+    (with NN1's output at zero, ``h`` is ``NN2(t) grad r`` whatever ``s``)."""
+    from iif.rewards.superres import SuperResolutionReward
+
+    torch.manual_seed(0)
+    base = UNetBase(VPSchedule(), (1, 8, 8))
+    reward = SuperResolutionReward(factor=2, sigma_y=0.05)
+    x, x0_hat, t = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    y = torch.randn(2, 1, 4, 4)
+    grad = reward.grad_log_tilt(x0_hat, y)
+    hs = []
+    for s in (1.0, 0.0025):
+        g = ConvRewardInformedGuidance(base, reward, cond_channels=1, nn2_init=0.3, grad_feature_scale=s)
+        seen = []
+        g.nn1.register_forward_pre_hook(lambda mod, args, kw: seen.append(args[0]), with_kwargs=True)
+        hs.append(g(x, t, x0_hat, y))
+        torch.testing.assert_close(seen[0][:, 2:3], s * grad.to(seen[0].dtype))
+        torch.testing.assert_close(seen[0][:, :1], x)
+    torch.testing.assert_close(hs[0], hs[1])
+    torch.testing.assert_close(hs[0], 0.3 * grad.to(hs[0].dtype), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="grad_feature_scale"):
+        ConvRewardInformedGuidance(base, reward, grad_feature_scale=0.0)

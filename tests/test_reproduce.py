@@ -126,7 +126,8 @@ def test_tuning_picks_the_grid_value_by_its_criterion(tmp_path, monkeypatch):
     gap = dict(zip(values, [0.1, 0.3, 0.5, 0.7, 0.9][: len(values)]))
     calls = []
 
-    def fake_sweep(spec, scale, seeds, runs_dir, extra, jobs, methods=None, method_overrides=(), subdir=None):
+    def fake_sweep(spec, scale, seeds, runs_dir, extra, jobs, methods=None, method_overrides=(), subdir=None,
+                   threads=None):
         calls.append((methods, list(method_overrides), seeds))
         for v in values:
             d = runs_dir / f"v{v}"
@@ -156,3 +157,82 @@ def test_figure2_smoke_scale_runs_the_pipeline(tmp_path, fake_mnist, cli_env):
 
 
 test_figure2_smoke_scale_runs_the_pipeline = pytest.mark.slow(test_figure2_smoke_scale_runs_the_pipeline)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("artifact", ["figure1", "table1", "figure2"])
+def test_every_scale_of_every_spec_composes_and_builds_for_every_method(artifact):
+    """What `iif-reproduce ARTIFACT --scale S` would launch, for every scale (the paper scale too, which no CI machine
+    runs), setting and method, with its per-method sizes and a tuned value: composed by Hydra and built on CPU, so
+    a misspelt override key or a size a constructor refuses fails here, not on the GPU an hour in."""
+    from omegaconf import OmegaConf
+
+    from iif.build import build
+    from iif.config import compose
+    from iif.reproduce import load_spec, method_overrides, run_overrides, settings_of
+
+    spec = load_spec(artifact)
+    tuned = {m: f"{t.key}={t['values'][0]}" for m, t in (spec.get("tune") or {}).items()}
+    for scale in spec.scales:
+        for setting in settings_of(spec).values():
+            for method in spec.methods:
+                own = [*method_overrides(spec, scale, method), *([tuned[method]] if method in tuned else [])]
+                cfg, choices = compose([f"method={method}", *run_overrides(spec, scale, setting, own), "logger=none"])
+                assert choices["method"] == method
+                for override in own:  # each per-method size reached the composed config
+                    key, value = override.split("=", 1)
+                    got = str(OmegaConf.select(cfg, key)).replace(" ", "")
+                    try:
+                        assert float(got) == float(value), (scale, override)
+                    except ValueError:  # not a number: a list or a word
+                        assert got == value.replace(" ", ""), (scale, override)
+                build(cfg)
+
+
+def test_run_setting_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_tuning(tmp_path, monkeypatch):
+    """table1's schedule with --jobs 2: every method exactly once with its own sizes, cg and cg_oracle with the value
+    the tuning chose and only after it, at most two multiruns at a time, one torch thread each, a method's seeds in
+    one multirun; figure2 (two methods, fewer than two per job) as one multirun per run."""
+    import threading
+    import time as clock
+
+    import iif.reproduce as rp
+
+    spec = rp.load_spec("table1")
+    values = [str(v) for v in spec.tune.cg["values"]]
+    lock, state, calls, events = threading.Lock(), {"now": 0, "most": 0}, [], []
+
+    def fake_sweep(spec, scale, seeds, runs_dir, extra, jobs, methods=None, method_overrides=(), subdir=None,
+                   threads=None):
+        with lock:
+            state["now"] += 1
+            state["most"] = max(state["most"], state["now"])
+            events.append(("start", methods[0], subdir))
+        clock.sleep(0.05)
+        if subdir is not None:  # the tuning grid
+            for i, v in enumerate(values):
+                (runs_dir / f"v{v}").mkdir(parents=True, exist_ok=True)
+                (runs_dir / f"v{v}" / "metrics.json").write_text(json.dumps({"fid": abs(i - 2), "reward_gap": 5 - i}))
+        with lock:
+            state["now"] -= 1
+            events.append(("end", methods[0], subdir))
+            calls.append((methods, list(method_overrides), threads, jobs, subdir, list(seeds)))
+
+    monkeypatch.setattr(rp, "run_sweep", fake_sweep)
+    monkeypatch.setattr(rp, "prepare_base", lambda *a: None)
+    rp.run_setting(spec, "ci", [0, 1], tmp_path, ["reward.classes=[3]"], jobs=2)
+    runs = [c for c in calls if c[4] is None]
+    assert sorted(m for c in runs for m in c[0]) == sorted(spec.methods) and all(len(c[0]) == 1 for c in runs)
+    own = {c[0][0]: c[1] for c in runs}
+    assert own["base"] == [] and own["topk"] == []
+    assert own["iif"] == rp.method_overrides(spec, "ci", "iif")
+    assert own["cg"] == [f"method.guide.gamma={values[2]}"] and own["cg_oracle"] == [f"method.guide.gamma={values[-1]}"]
+    tuning_end = events.index(("end", "cg", "v${method.guide.gamma}"))
+    assert all(events.index(("start", m, None)) > tuning_end for m in ("cg", "cg_oracle"))
+    assert state["most"] == 2 and all(c[2] == 1 and c[3] == 1 for c in calls)
+
+    assert all(c[4] is not None or sorted(c[5]) == [0, 1] for c in calls)  # a method's seeds in one multirun
+
+    calls.clear()
+    rp.run_setting(rp.load_spec("figure2"), "ci", [0, 1], tmp_path / "few", [], jobs=2)
+    assert sorted((c[0][0], c[5]) for c in calls) == [("base", [0]), ("base", [1]), ("iif", [0]), ("iif", [1])]

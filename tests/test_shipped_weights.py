@@ -14,7 +14,7 @@ import torch
 from iif.build import build
 from iif.config import compose
 from iif.pretrain import SHIPPED
-from iif.reproduce import experiment_of, load_spec, settings_of
+from iif.reproduce import load_spec, run_overrides, settings_of
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -22,9 +22,7 @@ import ship_weights  # noqa: E402
 
 
 def ci_components(artifact: str, setting: list[str], extra=()):
-    spec = load_spec(artifact)
-    cfg, _ = compose([f"experiment={experiment_of(spec, 'ci')}", *spec.overrides, *spec.scales["ci"], *setting,
-                      *extra, "logger=none"])
+    cfg, _ = compose([*run_overrides(load_spec(artifact), "ci", [*setting, *extra]), "logger=none"])
     return build(cfg)
 
 
