@@ -12,8 +12,8 @@ import argparse
 import json
 import logging
 import math
-import re
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,15 +56,13 @@ def run_overrides(spec, scale: str, extra: list[str] = (), method_overrides: lis
             *extra]
 
 
-def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int,
+def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str],
               methods: list[str] | None = None, method_overrides: list[str] = (), subdir: str | None = None,
               threads: int | None = None) -> None:
-    """One Hydra multirun over methods x seeds; ``jobs > 1`` runs them in parallel (joblib launcher, 1 thread each);
-    ``threads``: torch threads of each run (default: all cores, one with ``jobs > 1``)."""
-    parallel = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"] if jobs > 1 else []
-    threads = threads or (1 if jobs > 1 else None)
-    parallel += [f"torch_threads={threads}"] if threads else []
-    cmd = [sys.executable, "-m", "iif.train", "-m", *parallel, f"method={','.join(methods or spec.methods)}",
+    """One Hydra multirun over methods x seeds, its runs in turn in one process (``run_setting`` runs several at
+    once); ``threads``: torch threads of each run (default: all cores)."""
+    cmd = [sys.executable, "-m", "iif.train", "-m", *([f"torch_threads={threads}"] if threads else []),
+           f"method={','.join(methods or spec.methods)}",
            f"seed={','.join(map(str, seeds))}", *run_overrides(spec, scale, extra, method_overrides),
            f"hydra.sweep.dir={runs_dir}",
            f"hydra.sweep.subdir={subdir or '${hydra:runtime.choices.method}_seed${seed}'}"]
@@ -72,7 +70,7 @@ def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[st
     subprocess.run(cmd, check=True, env={"WANDB_SILENT": "true", **os.environ})
 
 
-def tune(spec, scale: str, runs_dir: Path, extra: list[str], jobs: int, threads: int | None = None) -> dict[str, str]:
+def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None = None) -> dict[str, str]:
     """Choose the parameter of each method of ``spec.tune`` by its criterion: one run per grid value of the tuning
     method (``tune.<m>.method``, default ``m``) with the tuning seed (not one of the reported seeds), then the value
     whose ``metric`` is best. Runs sharing a grid are made once. Returns ``{method: "key=value"}``, also written to
@@ -83,7 +81,7 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], jobs: int, threads:
         folder = runs_dir / f"tune_{grid_method}"
         values = [str(v) for v in t["values"]]
         if (grid_method, t.key) not in done and not all((folder / f"v{v}" / "metrics.json").exists() for v in values):
-            run_sweep(spec, scale, [int(t.get("seed", 100))], folder.resolve(), extra, jobs, methods=[grid_method],
+            run_sweep(spec, scale, [int(t.get("seed", 100))], folder.resolve(), extra, methods=[grid_method],
                       method_overrides=[*method_overrides(spec, scale, grid_method), f"{t.key}={','.join(values)}"],
                       subdir=f"v${{{t.key}}}", threads=threads)
         done.add((grid_method, t.key))
@@ -124,11 +122,11 @@ def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[
              else [(m, [seed]) for m in spec.methods for seed in seeds])
     threads = 1 if jobs > 1 else None
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        tuning = pool.submit(tune, spec, scale, runs_dir, extra, 1, threads)
+        tuning = pool.submit(tune, spec, scale, runs_dir, extra, threads)
 
         def run_task(method: str, task_seeds: list[int]) -> None:
             own = [*method_overrides(spec, scale, method), *([tuning.result()[method]] if method in tuned else [])]
-            run_sweep(spec, scale, task_seeds, runs_dir, extra, 1, methods=[method], method_overrides=own,
+            run_sweep(spec, scale, task_seeds, runs_dir, extra, methods=[method], method_overrides=own,
                       threads=threads)
 
         # untuned methods first, so that the tuning (submitted first) has finished when a tuned one starts

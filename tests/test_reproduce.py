@@ -126,7 +126,7 @@ def test_tuning_picks_the_grid_value_by_its_criterion(tmp_path, monkeypatch):
     gap = dict(zip(values, [0.1, 0.3, 0.5, 0.7, 0.9][: len(values)]))
     calls = []
 
-    def fake_sweep(spec, scale, seeds, runs_dir, extra, jobs, methods=None, method_overrides=(), subdir=None,
+    def fake_sweep(spec, scale, seeds, runs_dir, extra, methods=None, method_overrides=(), subdir=None,
                    threads=None):
         calls.append((methods, list(method_overrides), seeds))
         for v in values:
@@ -135,7 +135,7 @@ def test_tuning_picks_the_grid_value_by_its_criterion(tmp_path, monkeypatch):
             (d / "metrics.json").write_text(json.dumps({"fid": fid[v], "reward_gap": gap[v]}))
 
     monkeypatch.setattr(rp, "run_sweep", fake_sweep)
-    chosen = rp.tune(spec, "ci", tmp_path, [], 1)
+    chosen = rp.tune(spec, "ci", tmp_path, [])
     best_fid, best_gap = min(fid, key=fid.get), min(gap, key=gap.get)
     assert chosen == {"cg": f"method.guide.gamma={best_fid}", "cg_oracle": f"method.guide.gamma={best_gap}"}
     assert len(calls) == 1 and calls[0][0] == ["cg"] and calls[0][2] == [100]  # one grid, a seed not reported
@@ -202,7 +202,7 @@ def test_run_setting_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_
     values = [str(v) for v in spec.tune.cg["values"]]
     lock, state, calls, events = threading.Lock(), {"now": 0, "most": 0}, [], []
 
-    def fake_sweep(spec, scale, seeds, runs_dir, extra, jobs, methods=None, method_overrides=(), subdir=None,
+    def fake_sweep(spec, scale, seeds, runs_dir, extra, methods=None, method_overrides=(), subdir=None,
                    threads=None):
         with lock:
             state["now"] += 1
@@ -216,7 +216,7 @@ def test_run_setting_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_
         with lock:
             state["now"] -= 1
             events.append(("end", methods[0], subdir))
-            calls.append((methods, list(method_overrides), threads, jobs, subdir, list(seeds)))
+            calls.append((methods, list(method_overrides), threads, None, subdir, list(seeds)))
 
     monkeypatch.setattr(rp, "run_sweep", fake_sweep)
     monkeypatch.setattr(rp, "prepare_base", lambda *a: None)
@@ -229,7 +229,7 @@ def test_run_setting_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_
     assert own["cg"] == [f"method.guide.gamma={values[2]}"] and own["cg_oracle"] == [f"method.guide.gamma={values[-1]}"]
     tuning_end = events.index(("end", "cg", "v${method.guide.gamma}"))
     assert all(events.index(("start", m, None)) > tuning_end for m in ("cg", "cg_oracle"))
-    assert state["most"] == 2 and all(c[2] == 1 and c[3] == 1 for c in calls)
+    assert state["most"] == 2 and all(c[2] == 1 for c in calls)
 
     assert all(c[4] is not None or sorted(c[5]) == [0, 1] for c in calls)  # a method's seeds in one multirun
 
