@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -62,7 +63,8 @@ def ship(paths: list[Path], dest: Path, made_by: dict) -> list[Path]:
         meta = json.loads((weights.parent / "meta.json").read_text())
         meta["made_by"] = made_by
         (entry / "meta.json").write_text(json.dumps(meta, indent=1))
-        shutil.copyfile(weights, entry / "weights.pt")
+        shutil.copyfile(weights, entry / "weights.pt.tmp")
+        os.replace(entry / "weights.pt.tmp", entry / "weights.pt")  # last and atomic: a half copy is never found
         out.append(entry)
     return out
 
