@@ -350,3 +350,95 @@ def test_lora_needs_an_adapter_host_at_start_up():
         check_pairing(cfg, choices)
     cfg, choices = compose(["base_model=sd15", "guidance=lora", "conditions=prompts", "logger=none"])
     check_pairing(cfg, choices)  # builds nothing: no weights needed
+
+
+# ---------------------------------------------------------------------------------------------- options (shared base)
+def test_memory_options_equal_the_plain_computation():
+    """``cfg_chunk`` (two passes) and ``attention_slicing`` (diffusers' sliced attention) give the doubled-batch CFG
+    prediction up to float rounding, with the same evaluation count; ``cpu_offload`` and ``vae_tiling`` run."""
+    x, t, cond = _state(4)
+    plain = StableDiffusionBase("tiny", PROMPTS, guidance_scale=W)
+    with torch.no_grad():
+        ref = plain.eps(x, t, cond)
+        for option in ({"cfg_chunk": True}, {"attention_slicing": "auto"}, {"attention_slicing": "max"},
+                       {"attention_slicing": 2}):
+            other = StableDiffusionBase("tiny", PROMPTS, guidance_scale=W, **option)
+            torch.testing.assert_close(other.eps(x, t, cond), ref, rtol=1e-5, atol=1e-5)
+            assert other.nfe == 2 * 4
+        off = StableDiffusionBase("tiny", PROMPTS, guidance_scale=W, cpu_offload=True, vae_tiling=True).place("cpu")
+        torch.testing.assert_close(off.eps(x, t, cond), ref)
+        big = off.decode(torch.randn(1, 4, 16, 16))  # larger than a tile: decoded in blended tiles
+    assert off.vae.use_tiling and big.shape == (1, 3, 32, 32) and big.abs().max() <= 1
+    with pytest.raises(ValueError, match="base_model.attention_slicing"):
+        StableDiffusionBase("tiny", PROMPTS, attention_slicing=0)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter_gradients():
+    """The backward pass recomputes the UNet's blocks with the adapter on, as in the forward pass (it runs after
+    ``adapter_enabled()`` has turned it off): the same gradients as without checkpointing."""
+    x, t, cond = _state(2)
+    grads = []
+    for ckpt in (False, True):
+        base = StableDiffusionBase("tiny", PROMPTS, guidance_scale=W, gradient_checkpointing=ckpt)
+        guidance = LoRAGuidance(base, rank=2, alpha=4.0, seed=1)
+        _perturb(guidance)
+        lora = guidance.adapter_parameters()
+        grads.append(torch.autograd.grad((guidance(x, t, None, cond) ** 2).sum(), list(lora.values())))
+        assert base.unet.is_gradient_checkpointing == ckpt
+    assert any(g.abs().max() > 0 for g in grads[0])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_adapter_enabled_with_a_network_runs_that_network():
+    """``adapter_enabled(network)`` (full fine-tuning: a trainable copy of the UNet) runs the copy, called as the UNet
+    is, with CFG; outside, the frozen UNet."""
+    import copy
+
+    base = StableDiffusionBase("tiny", PROMPTS, guidance_scale=W)
+    emb = _Reference(base).emb  # [3, L, D]; row 2: ""
+    net = copy.deepcopy(base.unet)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    x, t, cond = _state()
+    with torch.no_grad():
+        before = base.eps(x, t, cond)
+        with base.adapter_enabled(net):
+            e_net = base.eps(x, t, cond)
+        after = base.eps(x, t, cond)
+        k = torch.full((6,), round(0.6 * 1000) - 1)
+        u, c = net(torch.cat([x, x]), k, encoder_hidden_states=torch.cat([emb[[2, 2, 2]], emb[cond]])).sample.chunk(2)
+        expected = (u + W * (c - u)).double()
+    assert base.nfe == 3 * 2 * 3
+    torch.testing.assert_close(e_net.double(), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(after, before)
+    assert (e_net - before).abs().max() > 1e-3
+
+
+def test_default_targets_hub_downloads_and_missing_weights(monkeypatch):
+    """``target_modules: null`` is SD's attention projections (the same adapter as the explicit list); the hub files
+    of SD 1.5 (safetensors only); a hub id that is not cached offline fails with one line naming the key."""
+    import huggingface_hub
+
+    from iif.hub import MissingWeights
+
+    default = LoRAGuidance(StableDiffusionBase("tiny", PROMPTS), rank=2, target_modules=None)
+    explicit = LoRAGuidance(StableDiffusionBase("tiny", PROMPTS), rank=2,
+                            target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    assert default.adapter_parameters().keys() == explicit.adapter_parameters().keys()
+    assert default.config.target_modules == set(StableDiffusionBase.lora_target_modules)
+
+    repo = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    (dl,) = StableDiffusionBase.hub_downloads({"pretrained": repo})
+    assert dl.repo_id == repo and dl.what == "base_model.pretrained"
+    for f in ("model_index.json", "scheduler/scheduler_config.json", "unet/diffusion_pytorch_model.safetensors",
+              "vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors", "tokenizer/*"):
+        assert f in dl.allow_patterns
+    assert not any(p.endswith(".bin") or "fp16" in p or "non_ema" in p for p in dl.allow_patterns)
+    assert StableDiffusionBase.hub_downloads({"pretrained": "tiny"}) == []
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(MissingWeights, match=r"base_model.pretrained: 'iif-test/no-such-sd15'.*iif-prefetch"):
+        StableDiffusionBase("iif-test/no-such-sd15", PROMPTS)

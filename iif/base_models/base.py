@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import contextlib
 from typing import ClassVar
 
 import torch
@@ -88,6 +89,12 @@ class BaseModel(nn.Module, abc.ABC):
         shape = (-1,) + (1,) * (x.dim() - 1)
         t64 = t.to(torch.float64)
         return (self.schedule.alpha(t64).to(x.dtype).view(shape), self.schedule.sigma(t64).to(x.dtype).view(shape))
+
+    def conditional_only(self) -> contextlib.AbstractContextManager:
+        """A context in which :meth:`eps` is the network's own prediction at the condition, without classifier-free
+        guidance (for losses computed "with CFG in sampling only": adjoint matching's control and adjoint, IIF's
+        conditional epsilon loss on Stable Diffusion). The identity for a base model without CFG."""
+        return contextlib.nullcontext()
 
     def prepare(self) -> None:
         """Load or train whatever the model needs (called once, after the config was validated)."""

@@ -7,15 +7,21 @@ sampling the fine-tuned model, and the IIF loss ``||sigma (s_0 + h) + eps||^2 = 
 denoising loss of the adapted network. The adapter's ``B`` matrices start at 0, so ``h == 0`` exactly at
 initialisation.
 
-The base model must follow this protocol (:class:`AdapterBase`; ``base_model=sd15`` does):
+The base model must follow this protocol (:class:`AdapterBase`; ``base_model=sd15`` and ``sd3`` do, through
+:class:`~iif.base_models.text_to_image.TextToImageBase`):
 
 - ``adapter_host``: the ``nn.Module`` the adapter is added to, a diffusers ``ModelMixin`` (``add_adapter``,
-  ``enable_adapters``/``disable_adapters``), e.g. the UNet;
+  ``enable_adapters``/``disable_adapters``), e.g. the UNet or SD3's transformer;
 - ``adapter_enabled()``: a context manager within which ``eps``/``predict`` run the host with its adapters on
   (counted in ``nfe``); outside it the base runs with them off;
 - ``frozen_eps(x, t, cond)``: the base's (adapter-off) noise prediction, which may reuse the evaluation the
   caller has just made at the same tensors;
-- ``schedule`` (``sigma(t)``) and ``eps`` of :class:`~iif.base_models.base.BaseModel`.
+- ``schedule`` (``sigma(t)``) and ``eps`` of :class:`~iif.base_models.base.BaseModel`;
+- ``lora_target_modules``: the host's layers an adapter targets by default;
+- ``lora_loader`` and ``denoiser_name``: the diffusers LoRA loader mixin (its name in ``diffusers.loaders``) and the
+  host's component name in a pipeline (the key prefix in its LoRA files), so the files :meth:`LoRAGuidance.
+  save_adapter` writes load into a stock diffusers pipeline (``StableDiffusionPipeline``,
+  ``StableDiffusion3Pipeline``) with ``load_lora_weights``.
 """
 from __future__ import annotations
 
@@ -38,6 +44,9 @@ class AdapterBase(Protocol):
     """What :class:`LoRAGuidance` needs of the base model (see the module docstring)."""
 
     adapter_host: nn.Module
+    lora_target_modules: Sequence[str]
+    lora_loader: str
+    denoiser_name: str
 
     def adapter_enabled(self) -> ContextManager: ...
 
@@ -55,11 +64,14 @@ class LoRAGuidance(Guidance):
     so the optimiser, the EMA and checkpoints of ``iif.methods.optim.Trainer`` hold the adapter only.
 
     Args:
-        base: the base model, following the adapter protocol of this module (e.g. ``base_model=sd15``).
+        base: the base model, following the adapter protocol of this module (e.g. ``base_model=sd15``, ``sd3``).
         reward: unused (every guidance is built with the same arguments).
         rank: LoRA rank ``r``.
         alpha: LoRA ``alpha`` (the update is scaled by ``alpha / r``); None: ``r``.
-        target_modules: names of the host's linear layers that get an adapter (SD's attention projections).
+        target_modules: names of the host's linear layers that get an adapter (peft's suffix match); None: the
+            base's ``lora_target_modules`` (SD 1.5: the attention projections ``to_q, to_k, to_v, to_out.0``; SD3:
+            those and the joint attention's text-stream projections ``add_q_proj, add_k_proj, add_v_proj,
+            to_add_out``).
         seed: the random initialisation of the ``A`` matrices (``B = 0``), independent of the run's RNG.
         adapter_name: the adapter's name in the host (and in saved files' metadata).
     """
@@ -67,15 +79,21 @@ class LoRAGuidance(Guidance):
     requires = frozenset({"adapter_host"})
 
     def __init__(self, base: AdapterBase, reward=None, rank: int = 4, alpha: float | None = None,
-                 target_modules: Sequence[str] = ("to_q", "to_k", "to_v", "to_out.0"), seed: int = 0,
-                 adapter_name: str = "iif"):
+                 target_modules: Sequence[str] | None = None, seed: int = 0, adapter_name: str = "iif"):
         super().__init__()
         from peft import LoraConfig
 
-        missing = [a for a in ("adapter_host", "adapter_enabled", "frozen_eps") if not hasattr(base, a)]
+        missing = [a for a in ("adapter_host", "adapter_enabled", "frozen_eps", "lora_loader", "denoiser_name")
+                   if not hasattr(base, a)]
         if missing:
-            raise TypeError(f"guidance=lora needs a base model whose network takes an adapter (e.g. base_model=sd15); "
-                            f"{type(base).__name__} has no {', '.join(missing)}")
+            raise TypeError(f"guidance=lora needs a base model whose network takes an adapter (e.g. base_model=sd15 "
+                            f"or sd3); {type(base).__name__} has no {', '.join(missing)}")
+        if target_modules is None:
+            target_modules = getattr(base, "lora_target_modules", None)
+            if not target_modules:
+                raise ValueError(f"guidance.target_modules is null and {type(base).__name__} names no default "
+                                 "targets; list the layers")
+        target_modules = [str(m) for m in target_modules]
         if rank < 1:
             raise ValueError(f"guidance.rank must be >= 1, got {rank}")
         alpha = float(rank if alpha is None else alpha)
@@ -133,28 +151,36 @@ class LoRAGuidance(Guidance):
 
         return get_peft_model_state_dict(self.net, adapter_name=self.adapter_name)
 
-    def save_adapter(self, directory: str | Path) -> Path:
-        """Write the adapter as diffusers' ``save_lora_weights`` does (``pytorch_lora_weights.safetensors`` with the
-        LoRA config as metadata), so ``StableDiffusionPipeline.load_lora_weights(directory)`` applies it. Saves the
-        current weights (inside ``trainer.sampling_weights()``: the EMA). Returns the file."""
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+    def _loader(self):
+        """The base's diffusers LoRA loader mixin (e.g. ``StableDiffusionLoraLoaderMixin``, ``SD3LoraLoaderMixin``)."""
+        import diffusers.loaders
 
+        return getattr(diffusers.loaders, self.base.lora_loader)
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """Write the adapter as the base's diffusers LoRA loader's ``save_lora_weights`` does
+        (``pytorch_lora_weights.safetensors``, keys prefixed by the host's component name, ``unet.`` or
+        ``transformer.``, with the LoRA config as metadata), so the stock pipeline's ``load_lora_weights(directory)``
+        (``StableDiffusionPipeline``, ``StableDiffusion3Pipeline``) applies it. Saves the current weights (inside
+        ``trainer.sampling_weights()``: the EMA). Returns the file."""
         state = {k: v.detach().contiguous().cpu() for k, v in self.adapter_state_dict().items()}
         metadata = self.net.peft_config[self.adapter_name].to_dict()
-        StableDiffusionLoraLoaderMixin.save_lora_weights(directory, unet_lora_layers=state, weight_name=WEIGHT_NAME,
-                                                         unet_lora_adapter_metadata=metadata)
+        name = self.base.denoiser_name
+        layers = {f"{name}_lora_layers": state, f"{name}_lora_adapter_metadata": metadata}
+        self._loader().save_lora_weights(directory, weight_name=WEIGHT_NAME, **layers)
         return Path(directory) / WEIGHT_NAME
 
     @torch.no_grad()
     def load_adapter(self, directory: str | Path) -> None:
-        """Load weights written by :meth:`save_adapter` (or diffusers' ``save_lora_weights`` for a UNet adapter of the
-        same rank and targets) into this adapter; every adapter weight must be in the file, and nothing else."""
-        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+        """Load weights written by :meth:`save_adapter` (or diffusers' ``save_lora_weights`` for an adapter of the
+        host with the same rank and targets) into this adapter; every adapter weight must be in the file, and nothing
+        else."""
         from peft import set_peft_model_state_dict
 
-        state, _, metadata = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            str(directory), weight_name=WEIGHT_NAME, return_lora_metadata=True)
-        prefix = StableDiffusionLoraLoaderMixin.unet_name + "."
+        loaded = self._loader().lora_state_dict(str(directory), weight_name=WEIGHT_NAME, return_lora_metadata=True)
+        state, metadata = loaded[0], loaded[-1]  # (state, metadata), or (state, network alphas, metadata)
+        component = self.base.denoiser_name
+        prefix = component + "."
         ours = self.net.peft_config[self.adapter_name]
         for key, value in (("r", ours.r), ("lora_alpha", ours.lora_alpha)):
             saved = (metadata or {}).get(prefix + key)
@@ -162,7 +188,8 @@ class LoRAGuidance(Guidance):
                 raise ValueError(f"{directory}: the adapter was saved with {key}={saved}, this guidance has {value}")
         other = [k for k in state if not k.startswith(prefix)]
         if other:
-            raise ValueError(f"{directory}: holds weights for other components than the UNet, e.g. '{other[0]}'")
+            raise ValueError(f"{directory}: holds weights for other components than the {component}, e.g. "
+                             f"'{other[0]}'")
         state = {k[len(prefix):]: v for k, v in state.items()}
         expected = self.adapter_state_dict()
         if state.keys() != expected.keys():
