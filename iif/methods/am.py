@@ -1,6 +1,8 @@
 """``am``: adjoint matching (Domingo-Enrich et al., ICLR 2025; docs/methods.md §7.4, docs/methods.md §U2.1)."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from iif.distributed import world
@@ -42,6 +44,11 @@ class AdjointMatching(FineTuned):
        clipping; ``clip_quantile = 1`` disables it);
     5. clip, step.
 
+    ``cfg_in_loss = False`` (AM's Stable Diffusion setting, "CFG in sampling only"): trajectories are drawn with the
+    base's classifier-free guidance, while steps 3 and 4 use the conditional network alone (``base.conditional_only()``:
+    the adjoint through the unguided base, the control as the difference of the unguided fine-tuned and base
+    predictions); a base without CFG is unaffected.
+
     The DDPM chain with ``c_k^2 = beta_k`` on every step stands in for AM's memoryless schedule (at least the
     variance of DDIM with ``eta = 1``; docs/methods.md §7.4).
 
@@ -53,6 +60,7 @@ class AdjointMatching(FineTuned):
         loss_steps: ``S``, steps per trajectory in the loss (at most the sampler's ``N``).
         target: ``post`` or ``pre``, the adjoint each step is regressed on (step 4).
         clip_quantile, clip_ema: per-term clipping threshold (quantile of the batch, EMA decay of the threshold).
+        cfg_in_loss: evaluate the base (adjoint) and the control (loss) with the base's classifier-free guidance.
         optimizer, iterations, lr_final_factor, grad_clip, ema_decay: see ``iif.methods.optim.Trainer``.
     """
 
@@ -61,7 +69,7 @@ class AdjointMatching(FineTuned):
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 512,
                  grad_steps: int = 10, loss_steps: int = 20, target: str = "pre", clip_quantile: float = 0.9,
-                 clip_ema: float = 0.9, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
+                 clip_ema: float = 0.9, cfg_in_loss: bool = True, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
                  grad_clip: float = 0.0, ema_decay: float = 0.0):
         if min(batch_size, grad_steps, loss_steps) < 1:
             raise ValueError(f"method.batch_size, grad_steps and loss_steps must be >= 1, got {batch_size}, "
@@ -81,6 +89,7 @@ class AdjointMatching(FineTuned):
         self.target = target
         self.clip_quantile, self.clip_ema = clip_quantile, clip_ema
         self.clip_threshold: float | None = None
+        self.cfg_in_loss = bool(cfg_in_loss)
         kernels = sampler.kernels(base)  # index i: the step x_{N-i} -> x_{N-i-1}
         self._t = torch.tensor([k.t for k in kernels], device=base.device)
         self._shift_coef = torch.tensor([k.shift_coef for k in kernels], device=base.device)
@@ -101,12 +110,16 @@ class AdjointMatching(FineTuned):
         out[-1] = a
         for i in range(len(kernels) - 1, -1, -1):
             k = kernels[i]
-            with torch.enable_grad():
+            with torch.enable_grad(), self._loss_network():
                 x = traj.states[i].detach().requires_grad_(True)
                 mu0 = k.base_mean(x, self.base.eps(x, k.times(x.shape[0], x.dtype, x.device), traj.cond))
                 (a,) = torch.autograd.grad(mu0, x, a)
             out[i] = a
         return out
+
+    def _loss_network(self) -> contextlib.AbstractContextManager:
+        """The base's CFG (``cfg_in_loss``) or its conditional network alone, for the adjoint and the control."""
+        return contextlib.nullcontext() if self.cfg_in_loss else self.base.conditional_only()
 
     def regressed_adjoint(self, a: Tensor) -> Tensor:
         """``[N, b, *shape]``: the adjoint step ``i`` is regressed on, from the lean adjoint ``a [N+1, b, *shape]``:
@@ -159,7 +172,8 @@ class AdjointMatching(FineTuned):
         i = idx.reshape(-1)
         shape = (-1,) + (1,) * (x.dim() - 2)
         cond = None if traj.cond is None else traj.cond.repeat_interleave(self.loss_steps, dim=0)
-        h = self.guidance(flat(x), self._t[i], flat(x0_hat), cond)
+        with self._loss_network():
+            h = self.guidance(flat(x), self._t[i], flat(x0_hat), cond)
         delta = self._shift_coef[i].view(shape) * h
         sigma = self._std[i].view(shape)
         terms = ((delta / sigma + sigma * flat(adj)) ** 2).flatten(1).sum(1)  # [b*S]

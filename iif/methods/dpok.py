@@ -44,7 +44,8 @@ class DPOK(FineTuned):
        ``adv = G_k - V_psi(x_k, t_k)`` (no grad), ``ratio = clamp(exp(log p_theta - log p_old), 1-eps, 1+eps)``,
        ``loss = -alpha_R mean(adv * ratio) + beta_KL mean(||Delta_k||^2 / (2 c_k^2 D))``;
        differentiated: ``h_theta`` at the one sampled ``(x_k, t_k)`` per transition; everything else detached
-       (memory ``O(batch)``, independent of the number of steps).
+       (memory ``O(batch)``, independent of the number of steps); with ``micro_batch_size`` the gradient of the
+       batch is accumulated over chunks of that many transitions (DPOK's gradient accumulation: the same step).
 
     The return ``G_k`` (``kl_in_return``):
 
@@ -61,6 +62,7 @@ class DPOK(FineTuned):
     Args:
         n_samples: trajectories per iteration; transitions: FIFO capacity (DPOK: 1000 on SD).
         grad_steps, batch_size: policy updates per iteration and transitions per update.
+        micro_batch_size: transitions per forward/backward pass within an update (None: the whole batch).
         reward_weight, kl_weight: ``alpha_R``, ``beta_KL``.
         kl_in_return: put the later steps' KL into the return (above; needs ``reward_weight > 0``).
         ratio_clip: ``eps`` of the ratio clamp (DPOK: 1e-4; clamp, not PPO's min).
@@ -74,12 +76,15 @@ class DPOK(FineTuned):
                  transitions: int = 25600, grad_steps: int = 20, batch_size: int = 2048, reward_weight: float = 1.0,
                  kl_weight: float = 1.0, kl_in_return: bool = True, ratio_clip: float = 1e-4, value_steps: int = 20,
                  value_batch_size: int = 2048, value_optimizer=None, value_hidden: int = 128, optimizer=None,
-                 iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0):
+                 iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0,
+                 micro_batch_size: int | None = None):
         sizes = dict(n_samples=n_samples, transitions=transitions, grad_steps=grad_steps, batch_size=batch_size,
                      value_steps=value_steps, value_batch_size=value_batch_size)
         for name, val in sizes.items():
             if val < 1:
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
+        if micro_batch_size is not None and micro_batch_size < 1:
+            raise ValueError(f"method.micro_batch_size must be >= 1 (or null), got {micro_batch_size}")
         if ratio_clip <= 0 or kl_weight < 0:
             raise ValueError(f"method.ratio_clip must be > 0 and method.kl_weight >= 0, got {ratio_clip}, {kl_weight}")
         if kl_in_return and not reward_weight > 0:
@@ -87,6 +92,7 @@ class DPOK(FineTuned):
         super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip)
         self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
+        self.micro_batch_size = min(batch_size, micro_batch_size or batch_size)
         self.reward_weight, self.kl_weight, self.ratio_clip = reward_weight, kl_weight, ratio_clip
         self.kl_in_return = bool(kl_in_return)
         self.value_steps, self.value_batch_size = value_steps, value_batch_size
@@ -177,10 +183,18 @@ class DPOK(FineTuned):
         losses, kls = [], []
         for _ in range(self.grad_steps):
             rows, cond = self.transitions.sample(self.batch_size)
-            loss, kl = self.policy_loss(rows, None if cond is None else cond.to(rows.device))
-            self.trainer.minimise(loss)
-            losses.append(loss.item())
-            kls.append(kl.item())
+            cond = None if cond is None else cond.to(rows.device)
+            self.trainer.zero_grad()
+            loss_sum = kl_sum = 0.0
+            for chunk in range(0, self.batch_size, self.micro_batch_size):  # gradient accumulation
+                part = slice(chunk, chunk + self.micro_batch_size)
+                loss, kl = self.policy_loss(rows[part], None if cond is None else cond[part])
+                weight = rows[part].shape[0] / self.batch_size  # the batch's mean loss
+                (loss * weight).backward()
+                loss_sum, kl_sum = loss_sum + weight * loss.item(), kl_sum + weight * kl.item()
+            self.trainer.step()
+            losses.append(loss_sum)
+            kls.append(kl_sum)
         return {"loss": sum(losses) / len(losses), "value_loss": sum(v_losses) / len(v_losses),
                 "step_kl": sum(kls) / len(kls), "kl_path": traj.control_cost.mean().item(),
                 "batch_reward_mean": (log_r * self.reward.temperature).mean().item(), "lr": self.trainer.lr,

@@ -2,6 +2,7 @@
 with the path Radon–Nikodym term switched off (``use_rnd=false``)."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -61,6 +62,10 @@ class IIF(FineTuned):
         use_rnd: include the path RND in the weights (False: the reward-only ablation).
         time_sampler: draws the training times (default ``t ~ U(1e-3, 1)``; see ``iif.time_sampling``).
         ema_decay: if > 0, sample with an exponential moving average of the guidance weights.
+        cfg_in_loss: step 5 with the base's classifier-free guidance (the CFG-combined noise prediction regressed
+            on ``eps``); False: with the conditional network alone (``base.conditional_only()``), so with a LoRA
+            ``h`` the loss is the standard conditional epsilon loss ``||eps - eps_phi(x_t, t | c)||^2`` on
+            accepted samples (docs/methods.md §8.4). Sampling (steps 1-2) always uses the base's CFG.
     """
 
     requires = frozenset({"per_step_kernels"})  # the path RND (reward_only too: it shares the sampler path)
@@ -69,7 +74,7 @@ class IIF(FineTuned):
     def __init__(self, base, reward, sampler, guidance, buffer, conditions=None, *, n_samples: int = 2048,
                  acceptance: PiecewiseConstant | float = 0.3, grad_steps: int = 100, batch_size: int = 512,
                  optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, kl_weight: float = 0.0,
-                 use_rnd: bool = True, time_sampler=None, ema_decay: float = 0.0):
+                 use_rnd: bool = True, time_sampler=None, ema_decay: float = 0.0, cfg_in_loss: bool = True):
         for name, val in dict(n_samples=n_samples, grad_steps=grad_steps, batch_size=batch_size).items():
             if val < 1:
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
@@ -85,6 +90,7 @@ class IIF(FineTuned):
         self.n_samples, self.grad_steps, self.batch_size = n_samples, grad_steps, batch_size
         self.kl_weight, self.use_rnd = kl_weight, use_rnd
         self.time_sampler = time_sampler or UniformTime()
+        self.cfg_in_loss = bool(cfg_in_loss)
 
     # ------------------------------------------------------------------ algorithm
     def setup(self) -> None:
@@ -146,10 +152,11 @@ class IIF(FineTuned):
         shape = (-1,) + (1,) * (x0.dim() - 1)
         a, s = sched.alpha(t64).float().view(shape), sched.sigma(t64).float().view(shape)
         xt = a * x0 + s * eps
-        with torch.no_grad():
-            e_base = self.base.eps(xt, t, cond)
-            x0_hat = self.base.x0_hat(xt, t, e_base)
-        h = self.guidance(xt, t, x0_hat, cond)
+        with contextlib.nullcontext() if self.cfg_in_loss else self.base.conditional_only():
+            with torch.no_grad():
+                e_base = self.base.eps(xt, t, cond)
+                x0_hat = self.base.x0_hat(xt, t, e_base)
+            h = self.guidance(xt, t, x0_hat, cond)
         # sigma (s_theta + h) + eps  with  sigma s_theta = -eps_theta
         sm = ((eps - e_base + s * h) ** 2).flatten(1).sum(-1).mean()
         if self.kl_weight == 0:
