@@ -60,3 +60,11 @@ def set_rng_state(state: dict | torch.Tensor, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
     if device.type == "cuda" and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def describe(device: torch.device) -> str:
+    """What a run computed on, for its results (``cpu``, or the GPU's name): time and memory figures mean nothing
+    without it."""
+    if device.type == "cuda":
+        return f"{device} {torch.cuda.get_device_name(device)}"
+    return "cpu"

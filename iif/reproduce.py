@@ -145,18 +145,39 @@ def method_overrides(spec, scale: str, method: str) -> list[str]:
     return list(((spec.get("method_overrides") or {}).get(scale) or {}).get(method) or [])
 
 
-def check_claims(spec, tables: dict[str, dict]) -> list[str]:
+def finite(table) -> bool:
+    """Whether every number in a (nested) table is finite (``finite(single)`` in a claim)."""
+    if isinstance(table, dict):
+        return all(finite(v) for v in table.values())
+    return not isinstance(table, (int, float)) or math.isfinite(table)
+
+
+# what a claim's expression may call besides the tables
+CLAIM_FUNCTIONS = {"finite": finite, "all_of": all, "any_of": any, "mean_of": lambda xs: sum(xs) / len(xs),
+                   "abs": abs, "min": min, "max": max}
+
+
+def check_claims(spec, tables: dict[str, dict], scale: str | None = None) -> list[str]:
     """Evaluate each claim's expression; lines ``PASS/FAIL claim (numbers)``. ``tables``: per setting
     ``{metric: {method: mean}}`` (and ``curve``: the curve's summary); without settings the metrics are names of
-    the expression, else the settings are (``single['fid']['iif']``)."""
+    the expression, else the settings are (``single['fid']['iif']``), and ``settings`` holds those that were run. A
+    claim with ``scales`` is checked at those
+    scales only (a claim about the science means nothing on a smoke scale)."""
     names = tables.get("", {}) | {k: v for k, v in tables.items() if k}
+    names["settings"] = {k: v for k, v in tables.items() if k}  # every setting that was run (finite(settings))
     out = []
     for check in spec.checks:
+        if check.get("scales") and scale is not None and scale not in check.scales:
+            out.append(f"SKIP (checked at scale {', '.join(check.scales)}): {check.claim}")
+            continue
         try:
-            ok = bool(eval(check.expr, {"__builtins__": {}}, names))  # expressions come from the repo's spec
+            # expressions come from the repo's spec; names as globals, so that comprehensions see them
+            ok = bool(eval(check.expr, {"__builtins__": {}, **CLAIM_FUNCTIONS, **names}))
             verdict = "PASS" if ok else "FAIL"
         except KeyError as e:
             verdict = f"SKIP (no {e} row)"
+        except NameError as e:  # a setting that was not run (--settings)
+            verdict = f"SKIP ({e.name} not run)"
         out.append(f"{verdict}: {check.claim} — {check.expr} ({_numbers(check.expr, names)})")
     return out
 
@@ -238,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-only", action="store_true",
                    help="pretrain (or load) what every run shares (the base model, a classifier, each setting's "
                         "reference), then stop")
+    p.add_argument("--settings", default=None,
+                   help="comma-separated settings (column groups) to run, e.g. table2's rabbit (default: all)")
     p.epilog = "Hydra overrides for every run go after --, e.g. iif-reproduce figure1 --seeds 0 -- iterations=20"
     p.add_argument("--jobs", type=int, default=1,
                    help="runs in parallel on this machine, one torch thread each; default 1: one after another "
@@ -253,17 +276,24 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.artifact)
     if args.scale not in spec.scales:
         p.error(f"unknown scale '{args.scale}'; the spec has {list(spec.scales)}")
+    settings = settings_of(spec)
+    if args.settings:
+        chosen = args.settings.split(",")
+        unknown = [s for s in chosen if s not in settings]
+        if unknown:
+            p.error(f"unknown setting '{unknown[0]}'; the spec has {list(settings)}")
+        settings = {k: v for k, v in settings.items() if k in chosen}
     seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec.seeds)
     out_dir = Path(args.out or Path("outputs") / spec.name)
     t0 = time.perf_counter()
     metrics = list(spec.metrics)
     tables, sections, all_rows = {}, [], []
     if args.prepare_only:
-        for overrides in settings_of(spec).values():
+        for overrides in settings.values():
             prepare_base(spec, args.scale, [*overrides, *args.overrides])
         print(f"iif-reproduce: {spec.name} --scale {args.scale} prepared in {time.perf_counter() - t0:.0f} s", flush=True)
         return 0
-    for setting, overrides in settings_of(spec).items():
+    for setting, overrides in settings.items():
         runs_dir = out_dir / "runs" / setting if setting else out_dir / "runs"
         extra = [*overrides, *args.overrides]
         if not args.skip_runs:
@@ -289,8 +319,8 @@ def main(argv: list[str] | None = None) -> int:
             note += f"\ntuned{label}: " + ", ".join(f"{m}: {o}" for m, o in json.loads(tuned.read_text()).items())
         sections.append((setting, rows, note))
         all_rows.append((setting, rows))
-    md = write_combined(all_rows, metrics, out_dir)
-    lines = check_claims(spec, tables)
+    md = write_combined(all_rows, metrics, out_dir, list(spec.get("common_metrics") or []))
+    lines = check_claims(spec, tables, args.scale)
     notes = "".join(note for _, _, note in sections)
     curve_note = ""
     for setting, table in tables.items():
@@ -299,7 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             curve_note += (f"\n{spec.curve.metric} per iteration: curve.csv, curve.png; first {cv['first']:.4g}, last "
                            f"{cv['last']:.4g}, rose beyond noise in {cv['rise_frac']:.0%} of steps "
                            f"({cv['n_seeds']} seeds)\n")
-    report = (f"# {spec.title}\n\nscale={args.scale}, seeds={seeds}, mean ± standard error over seeds\n\n{md}\n"
+    scale_note = ((spec.get("scale_notes") or {}).get(args.scale) or "").strip()
+    report = (f"# {spec.title}\n\nscale={args.scale}, seeds={seeds}, mean ± standard error over seeds\n\n"
+              + (f"**{scale_note}**\n\n" if scale_note else "") + f"{md}\n"
               + "\n".join(lines) + "\n" + curve_note + notes + "\n")
     (out_dir / "table.md").write_text(report)
     print("\n" + report)
@@ -307,22 +339,36 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_combined(settings_rows: list[tuple[str, list[dict]]], metrics: list[str], out_dir: Path) -> str:
+def write_combined(settings_rows: list[tuple[str, list[dict]]], metrics: list[str], out_dir: Path,
+                   common: list[str] = ()) -> str:
     """One row per method, the metrics of each setting as columns ``<setting>/<metric>`` (plain names without
-    settings): ``table.md`` and ``table.csv`` (first column ``method``)."""
+    settings): ``table.md`` and ``table.csv`` (first column ``method``). ``common`` metrics (e.g. training time and
+    memory) get one column each after them: the mean over the settings, its standard error
+    ``sqrt(sum se^2) / n_settings``."""
     if len(settings_rows) == 1 and not settings_rows[0][0]:
         return write_tables(settings_rows[0][1], "method", metrics, out_dir)
     merged: dict[str, dict] = {}
     columns = []
+    pooled: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
     for setting, rows in settings_rows:
         for r in rows:
             row = merged.setdefault(r["method"], {"method": r["method"], "n": r["n"], "_counts": {}})
             row["n"] = min(row["n"], r["n"])
             for m in metrics:
-                if m in r:
-                    row[f"{setting}/{m}"], row[f"{setting}/{m}_se"] = r[m], r[f"{m}_se"]
-                    row["_counts"][f"{setting}/{m}"] = r["_counts"][m]
-        columns += [f"{setting}/{m}" for m in metrics]
+                if m not in r:
+                    continue
+                if m in common:
+                    pooled.setdefault((r["method"], m), []).append((r[m], r[f"{m}_se"], r["_counts"][m]))
+                    continue
+                row[f"{setting}/{m}"], row[f"{setting}/{m}_se"] = r[m], r[f"{m}_se"]
+                row["_counts"][f"{setting}/{m}"] = r["_counts"][m]
+        columns += [f"{setting}/{m}" for m in metrics if m not in common]
+    for (method, m), values in pooled.items():
+        row = merged[method]
+        row[m] = sum(v for v, _, _ in values) / len(values)
+        row[f"{m}_se"] = math.sqrt(sum(se ** 2 for _, se, _ in values)) / len(values)
+        row["_counts"][m] = min(c for _, _, c in values)
+    columns += [m for m in metrics if m in common]
     return write_tables(list(merged.values()), "method", columns, out_dir)
 
 

@@ -131,13 +131,18 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
                 if main and ((it + 1) % cfg.checkpoint_every == 0 or it + 1 == cfg.iterations):
                     checkpoint(it + 1, budget)
         # ---- 4. final evaluation
+        train_peak_mb = peak_mem_mb()  # training's (the evaluation's batches may need more or less)
         fault_point("evaluation", cfg.iterations)
         result = evaluate(comp, cfg.seed, figures=main, label=method_name)
-        final = {**result.metrics, "wall_s": wall_s, "peak_mem_mb": peak_mem_mb(), **comp.budget.snapshot(),
+        final = {**result.metrics, "wall_s": wall_s, "peak_mem_mb": peak_mem_mb(), "train_peak_mem_mb": train_peak_mb,
+                 "device_hours": wall_s * ranks.size / 3600, "device": devices.describe(comp.device),
+                 **comp.budget.snapshot(),
                  "iterations": cfg.iterations, "seed": cfg.seed, "method": method_name,
                  "base_model": choices.get("base_model"), "experiment": exp}
         if ranks.size > 1:  # the slowest process's time and the largest process's memory
-            final.update(ranks.max({"wall_s": wall_s, "peak_mem_mb": final["peak_mem_mb"]}), processes=ranks.size)
+            final.update(ranks.max({"wall_s": wall_s, "peak_mem_mb": final["peak_mem_mb"],
+                                    "train_peak_mem_mb": train_peak_mb}), processes=ranks.size)
+            final["device_hours"] = final["wall_s"] * ranks.size / 3600
         if main:
             fault_point("final_files", cfg.iterations)
             rundir.write_results(run_dir, final, result.samples, result.figures)  # metrics.json last

@@ -159,13 +159,19 @@ def test_figure2_smoke_scale_runs_the_pipeline(tmp_path, fake_mnist, cli_env):
 test_figure2_smoke_scale_runs_the_pipeline = pytest.mark.slow(test_figure2_smoke_scale_runs_the_pipeline)
 
 
+# hub weights cannot be loaded offline: a scale that names them is built with tiny random models of the same shape
+OFFLINE_MODELS = ["base_model.pretrained=tiny", "base_model.latent_size=null", "reward.pretrained=tiny",
+                  "evaluation.embedder.pretrained=tiny"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("artifact", ["figure1", "table1", "figure2"])
+@pytest.mark.parametrize("artifact", ["figure1", "table1", "figure2", "table2"])
 def test_every_scale_of_every_spec_composes_and_builds_for_every_method(artifact):
     """What `iif-reproduce ARTIFACT --scale S` would launch, for every scale (the paper scale too, which no CI machine
     runs), setting and method, with its per-method sizes and a tuned value: composed by Hydra and built on CPU, so
-    a misspelt override key or a size a constructor refuses fails here, not on the GPU an hour in."""
-    from omegaconf import OmegaConf
+    a misspelt override key or a size a constructor refuses fails here, not on the GPU an hour in (table2's paper
+    scale with tiny models in place of the hub's, which cannot be loaded offline)."""
+    from omegaconf import DictConfig, OmegaConf
 
     from iif.build import build
     from iif.config import compose
@@ -178,14 +184,22 @@ def test_every_scale_of_every_spec_composes_and_builds_for_every_method(artifact
             for method in spec.methods:
                 own = [*method_overrides(spec, scale, method), *([tuned[method]] if method in tuned else [])]
                 cfg, choices = compose([f"method={method}", *run_overrides(spec, scale, setting, own), "logger=none"])
+                if OmegaConf.select(cfg, "base_model.pretrained") not in (None, "tiny"):
+                    cfg, choices = compose([f"method={method}", *run_overrides(spec, scale, setting, own),
+                                            "logger=none", *OFFLINE_MODELS])
                 assert choices["method"] == method
                 for override in own:  # each per-method size reached the composed config
                     key, value = override.split("=", 1)
+                    key = key.lstrip("+")  # ++key=value: add or override
+                    if key in choices:  # a group's option (guidance=full)
+                        assert choices[key] == value, (scale, override)
+                        continue
+                    assert not isinstance(OmegaConf.select(cfg, key), DictConfig), (scale, override)
                     got = str(OmegaConf.select(cfg, key)).replace(" ", "")
                     try:
                         assert float(got) == float(value), (scale, override)
-                    except ValueError:  # not a number: a list or a word
-                        assert got == value.replace(" ", ""), (scale, override)
+                    except ValueError:  # not a number: a list, a word or a boolean (YAML's false is Python's False)
+                        assert got.lower() == value.replace(" ", "").lower(), (scale, override)
                 build(cfg)
 
 
@@ -236,3 +250,48 @@ def test_run_setting_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_
     calls.clear()
     rp.run_setting(rp.load_spec("figure2"), "ci", [0, 1], tmp_path / "few", [], jobs=2)
     assert sorted((c[0][0], c[5]) for c in calls) == [("base", [0]), ("base", [1]), ("iif", [0]), ("iif", [1])]
+
+
+def test_claims_per_scale_finite_tables_and_comprehensions():
+    """A claim with ``scales`` is skipped at other scales; ``finite`` walks nested tables; a comprehension sees the
+    settings (names are the expression's globals); a setting that was not run is skipped, not an error."""
+    from omegaconf import OmegaConf
+
+    from iif.reproduce import check_claims
+
+    spec = OmegaConf.create({"checks": [
+        {"claim": "finite", "expr": "finite(a) and finite(b)"},
+        {"claim": "science", "expr": "a['r']['iif'] > 0", "scales": ["paper"]},
+        {"claim": "all", "expr": "all_of([s['r']['iif'] > s['r']['base'] for s in (a, b)])"},
+        {"claim": "mean", "expr": "mean_of([s['r']['iif'] for s in (a, b)]) == 2.5"},
+        {"claim": "missing", "expr": "finite(c)"},
+    ]})
+    tables = {"a": {"r": {"iif": 2.0, "base": 1.0}}, "b": {"r": {"iif": 3.0, "base": float("nan")}}}
+    lines = check_claims(spec, tables, "ci")
+    assert lines[0].startswith("FAIL: finite")  # b's base is NaN
+    assert lines[1].startswith("SKIP (checked at scale paper): science")
+    assert lines[2].startswith("FAIL: all")  # 3 > nan is False
+    assert lines[3].startswith("PASS: mean")
+    assert lines[4].startswith("SKIP (c not run)")
+    tables["b"]["r"]["base"] = 0.5
+    lines = check_claims(spec, tables, "paper")
+    assert [line.split(":")[0] for line in lines[:4]] == ["PASS"] * 4
+
+
+def test_common_metrics_are_one_column_the_mean_over_settings(tmp_path):
+    """``common_metrics`` (time, memory) become one column: the mean over settings, s.e. ``sqrt(sum se^2) / n``,
+    computed here by hand; the other metrics keep a column per setting."""
+    from iif.reproduce import write_combined
+
+    def row(method, r, t, t_se):
+        return {"method": method, "n": 2, "r": r, "r_se": 0.1, "t": t, "t_se": t_se, "_counts": {"r": 2, "t": 2}}
+
+    settings = [("s1", [row("iif", 1.0, 10.0, 3.0), row("base", 0.0, 1.0, 0.0)]),
+                ("s2", [row("iif", 2.0, 20.0, 4.0), row("base", 0.5, 3.0, 0.0)])]
+    write_combined(settings, ["r", "t"], tmp_path, common=["t"])
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert list(rows[0]) == ["method", "n", "s1/r", "s1/r_se", "s2/r", "s2/r_se", "t", "t_se"]
+    iif = rows[0]
+    assert float(iif["s1/r"]) == 1.0 and float(iif["s2/r"]) == 2.0
+    assert float(iif["t"]) == 15.0 and math.isclose(float(iif["t_se"]), math.sqrt(3.0 ** 2 + 4.0 ** 2) / 2)
+    assert float(rows[1]["t"]) == 2.0
