@@ -77,6 +77,8 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None
     ``runs_dir/tuned.json``."""
     chosen, done = {}, set()
     for method, t in (spec.get("tune") or {}).items():
+        if method not in spec.methods:  # not run (--methods)
+            continue
         grid_method = t.get("method", method)
         folder = runs_dir / f"tune_{grid_method}"
         values = [str(v) for v in t["values"]]
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-only", action="store_true",
                    help="pretrain (or load) what every run shares (the base model, a classifier, each setting's "
                         "reference), then stop")
+    p.add_argument("--methods", default=None,
+                   help="comma-separated methods to run and tabulate, e.g. iif (default: the spec's)")
     p.add_argument("--settings", default=None,
                    help="comma-separated settings (column groups) to run, e.g. table2's rabbit (default: all)")
     p.epilog = "Hydra overrides for every run go after --, e.g. iif-reproduce figure1 --seeds 0 -- iterations=20"
@@ -276,6 +280,11 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.artifact)
     if args.scale not in spec.scales:
         p.error(f"unknown scale '{args.scale}'; the spec has {list(spec.scales)}")
+    if args.methods:
+        unknown = [m for m in args.methods.split(",") if m not in spec.methods]
+        if unknown:
+            p.error(f"unknown method '{unknown[0]}'; the spec has {list(spec.methods)}")
+        spec.methods = [m for m in spec.methods if m in args.methods.split(",")]  # the spec's order
     settings = settings_of(spec)
     if args.settings:
         chosen = args.settings.split(",")

@@ -23,16 +23,32 @@ pytestmark = pytest.mark.slow  # multi-process, Slurm, CLI or pretraining: minut
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The documented default run of IIF through the CLI; reward-only in-process at the ci budget of figure1."""
+    """The documented default run of IIF through the CLI; reward-only in-process at the ci budget of figure1. The CLI
+    run and the in-process runs overlap, one torch thread each (two cores: 1.5x the throughput of one after the
+    other; the thresholds below do not depend on the threads' summation order)."""
     import os
+
+    import torch
 
     out = {}
     run_dir = tmp_path_factory.mktemp("iif") / "run"
     env = dict(os.environ, WANDB_MODE="offline", CI="1")
-    subprocess.run([sys.executable, "-m", "iif.train", "experiment=toy2d", "method=iif", "base_model=gmm_exact",
-                    "logger=none", f"hydra.run.dir={run_dir}"], env=env, check=True, timeout=900,
-                   capture_output=True)
+    cli = subprocess.Popen([sys.executable, "-m", "iif.train", "experiment=toy2d", "method=iif",
+                            "base_model=gmm_exact", "logger=none", "torch_threads=1", f"hydra.run.dir={run_dir}"],
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _in_process_runs(out, tmp_path_factory)
+    finally:
+        torch.set_num_threads(threads)
+        _, err = cli.communicate(timeout=900)
+    assert cli.returncode == 0, err[-2000:]
     out["iif"] = json.loads((run_dir / "metrics.json").read_text())
+    return out
+
+
+def _in_process_runs(out: dict, tmp_path_factory) -> None:
     cfg, choices = compose(["method=reward_only", "base_model=gmm_exact", "logger=none", "iterations=30"])
     out["reward_only"] = train(cfg, tmp_path_factory.mktemp("reward_only"), choices)
     # online fine-tuning at figure1's budget (20 iterations); the best-gamma guidance
@@ -46,7 +62,6 @@ def runs(tmp_path_factory):
     comp = build(cfg)
     comp.method.guidance = ExactTiltGuidance(comp.base.prior, comp.evaluator.target.mixture, comp.base.schedule)
     out["oracle"] = comp.evaluator(comp.method).metrics
-    return out
 
 
 def test_default_iif_run_matches_exact_mode_weights(runs):
