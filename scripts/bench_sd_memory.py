@@ -10,8 +10,10 @@ parameters, cross-attention width 768), a one-layer CLIP text encoder of width 7
 measured path), and loads it through ``base_model.pretrained=<folder>``: the real loading code. Memory does not
 depend on the weights' values.
 
-Each configuration runs in a fresh subprocess (hidden flag ``--_child``) and measures two things after a warm-up, each
-as ``increase = peak after - resident before`` (MB; CPU: VmHWM after ``/proc/self/clear_refs``):
+Each (configuration, measurement) runs in a fresh subprocess (hidden flag ``--_child``): the model is built, the
+peak counter reset, the step run once, and ``increase = peak after - resident before`` (MB; CPU: VmHWM after
+``/proc/self/clear_refs``; no warm-up: memory a warm-up freed would stay in the process and hide the peak). The
+two measurements:
 
 * ``train``: one IIF-LoRA loss step (``cfg_in_loss=false``: the frozen UNet without a graph, the adapted UNet with
   one, backward) on ``batch`` latents: the activations a LoRA update keeps, which gradient checkpointing trades
@@ -71,7 +73,7 @@ def write_sd15_shaped(folder: Path) -> None:
     (folder / "done").write_text("ok")
 
 
-def peak_mb(device: torch.device) -> float:
+def peak_mb() -> float:
     from iif.probes import peak_mem_mb
 
     return peak_mem_mb()
@@ -95,6 +97,9 @@ def child(spec: dict) -> dict:
     base = StableDiffusionBase(spec["folder"], ["a cat"], guidance_scale=7.5, latent_size=spec["latent"],
                                **CONFIGS[spec["config"]]).place(device)
     guidance = LoRAGuidance(base, rank=4).to(device)
+    with torch.no_grad():  # weights read lazily from the file (a float32 load maps it) become resident now
+        for p in base.parameters():
+            p.data = p.data.clone()
     build_s = time.perf_counter() - t0
     params = [p for p in guidance.parameters() if p.requires_grad]
     b = spec["batch"]
@@ -119,8 +124,7 @@ def child(spec: dict) -> dict:
             return base.eps(x0, t, cond)
 
     out = {"config": spec["config"], "build_s": build_s}
-    for name, step in (("train", train_step), ("sample", sample_step)):
-        step()  # warm-up (allocator caches, lazy inits)
+    for name, step in ((spec["step"], {"train": train_step, "sample": sample_step}[spec["step"]]),):
         if device.type == "cuda":
             torch.cuda.synchronize()
         before = resident_mb(device)
@@ -130,7 +134,7 @@ def child(spec: dict) -> dict:
         if device.type == "cuda":
             torch.cuda.synchronize()
         out[f"{name}_s"] = time.perf_counter() - t1
-        out[f"{name}_increase_mb"] = peak_mb(device) - before
+        out[f"{name}_increase_mb"] = peak_mb() - before
         out[f"{name}_resident_before_mb"] = before
         del result
     return out
@@ -153,11 +157,13 @@ def main() -> None:
     write_sd15_shaped(folder)
     rows = []
     for config in args.configs:
-        spec = {"device": args.device, "latent": args.latent, "batch": args.batch, "config": config,
-                "folder": str(folder)}
-        proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True, text=True,
-                              check=True)
-        row = json.loads(proc.stdout.strip().splitlines()[-1])
+        row = {}
+        for step in ("train", "sample"):
+            spec = {"device": args.device, "latent": args.latent, "batch": args.batch, "config": config,
+                    "folder": str(folder), "step": step}
+            proc = subprocess.run([sys.executable, __file__, "--_child", json.dumps(spec)], capture_output=True,
+                                  text=True, check=True)
+            row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
         rows.append(row)
         print(f"{config:32s} train +{row['train_increase_mb']:8.0f} MB ({row['train_s']:.1f} s)   "
               f"sample +{row['sample_increase_mb']:8.0f} MB ({row['sample_s']:.1f} s)   "
