@@ -238,3 +238,23 @@ def test_table2_ci_scale_runs_an_iteration_of_every_method_and_writes_the_table(
     config = (out / "runs" / "rabbit" / "am_seed0" / "config.yaml").read_text()
     assert "iif.guidance.full.FullFineTuning" in config and "cfg_in_loss: false" in config
     assert (out / "figure_rabbit.png").stat().st_size > 0
+
+
+def test_a_float32_full_copy_of_a_bfloat16_base_computes_in_float32():
+    """``guidance=full`` on a half-precision base: the trainable copy is float32 and runs in float32 inside
+    ``adapter_enabled`` (no dtype clash); ``h`` at initialisation is the base's bfloat16 rounding, small; the copy's
+    gradients are float32."""
+    comp = _tiny("method=am", *SIZES["am"], "base_model.dtype=bfloat16")
+    guidance, base = comp.method.guidance, comp.base
+    assert base.unet.conv_in.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in guidance.net.parameters())
+    x, t, cond = torch.randn(2, *base.sample_shape), torch.full((2,), 0.5), torch.tensor([0, 0])
+    h = guidance(x, t, None, cond)
+    eps0 = base.eps(x, t, cond).detach()
+    sigma = float(base.schedule.sigma(torch.tensor(0.5, dtype=torch.float64)))
+    assert h.dtype == torch.float32 and torch.isfinite(h).all()
+    # the base's bfloat16 rounding, amplified by CFG (w = 7.5), not a difference of weights: a few per cent
+    assert (h * sigma).abs().max() <= 0.1 * eps0.abs().max()
+    (h ** 2).sum().backward()
+    grads = [p.grad for p in guidance.net.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)

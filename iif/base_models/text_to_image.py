@@ -234,14 +234,17 @@ class TextToImageBase(BaseModel):
             raise ValueError(f"base_model {type(self).__name__} needs a prompt per sample (conditions=prompts); "
                              "got cond=None")
         # 1. text inputs; 2. timestep; 3. network
-        text = {key: v.to(self.dtype) for key, v in self.conditioning(cond).items()}
-        k = self.timestep_scale * self.schedule.network_time(t)
         net = self.denoiser if self._active is None else self._active
-        z = x.to(self.dtype)
+        # the network's own dtype: a network given to adapter_enabled (a float32 trainable copy of a half-precision
+        # denoiser) computes in its precision
+        dtype = self.dtype if self._active is None else next(net.parameters()).dtype
+        text = {key: v.to(dtype) for key, v in self.conditioning(cond).items()}
+        k = self.timestep_scale * self.schedule.network_time(t)
+        z = x.to(dtype)
         # 4. one pass without CFG (w == 1, or inside conditional_only())
         if not self._cfg:
             return net(z, timestep=k, **text).sample.to(x.dtype)
-        empty = {key: v.to(self.dtype) for key, v in self.conditioning(torch.full_like(cond.view(-1), -1)).items()}
+        empty = {key: v.to(dtype) for key, v in self.conditioning(torch.full_like(cond.view(-1), -1)).items()}
         if self.cfg_chunk:
             uncond = net(z, timestep=k, **empty).sample.to(x.dtype)
             conditional = net(z, timestep=k, **text).sample.to(x.dtype)

@@ -3,7 +3,8 @@ setting; docs/methods.md §4.4, §7.4).
 
 ``h(x_t, t | c) = (eps_0(x_t, t | c) - eps_phi(x_t, t | c)) / sigma(t)`` with ``eps_phi`` the base model's own
 prediction (its classifier-free guidance included) computed with a trainable copy ``phi`` of its denoiser in place
-of the frozen one. ``phi`` starts as the base's weights, so ``h == 0`` exactly at initialisation. Every weight of the
+of the frozen one. ``phi`` starts as the base's weights, so ``h == 0`` exactly at initialisation when the copy
+computes in the base's precision (a float32 copy of a half-precision base: up to the base's rounding). Every weight of the
 copy is trained, held by the optimiser (AdamW: three copies more), the EMA and the checkpoints: the memory of full
 fine-tuning, which LoRA (``guidance=lora``) avoids.
 
