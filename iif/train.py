@@ -135,14 +135,14 @@ def train(cfg: DictConfig, run_dir: str | Path, choices: dict[str, str]) -> dict
         fault_point("evaluation", cfg.iterations)
         result = evaluate(comp, cfg.seed, figures=main, label=method_name)
         final = {**result.metrics, "wall_s": wall_s, "peak_mem_mb": peak_mem_mb(), "train_peak_mem_mb": train_peak_mb,
-                 "device_hours": wall_s * ranks.size / 3600, "device": devices.describe(comp.device),
+                 "device": devices.describe(comp.device),
                  **comp.budget.snapshot(),
                  "iterations": cfg.iterations, "seed": cfg.seed, "method": method_name,
                  "base_model": choices.get("base_model"), "experiment": exp}
         if ranks.size > 1:  # the slowest process's time and the largest process's memory
             final.update(ranks.max({"wall_s": wall_s, "peak_mem_mb": final["peak_mem_mb"],
                                     "train_peak_mem_mb": train_peak_mb}), processes=ranks.size)
-            final["device_hours"] = final["wall_s"] * ranks.size / 3600
+        final["device_hours"] = final["wall_s"] * ranks.size / 3600  # the slowest process's time x processes
         if main:
             fault_point("final_files", cfg.iterations)
             rundir.write_results(run_dir, final, result.samples, result.figures)  # metrics.json last

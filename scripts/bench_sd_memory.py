@@ -124,19 +124,20 @@ def child(spec: dict) -> dict:
             return base.eps(x0, t, cond)
 
     out = {"config": spec["config"], "build_s": build_s}
-    for name, step in ((spec["step"], {"train": train_step, "sample": sample_step}[spec["step"]]),):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        before = resident_mb(device)
-        reset_peak_mem()
-        t1 = time.perf_counter()
-        result = step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out[f"{name}_s"] = time.perf_counter() - t1
-        out[f"{name}_increase_mb"] = peak_mb() - before
-        out[f"{name}_resident_before_mb"] = before
-        del result
+    name = spec["step"]
+    step = {"train": train_step, "sample": sample_step}[name]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    before = resident_mb(device)
+    reset_peak_mem()
+    t1 = time.perf_counter()
+    result = step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    out[f"{name}_s"] = time.perf_counter() - t1
+    out[f"{name}_increase_mb"] = peak_mb() - before
+    out[f"{name}_resident_before_mb"] = before
+    del result
     return out
 
 

@@ -105,16 +105,15 @@ def _tiny(*extra):
     return comp
 
 
-def _direct_unet(base, x, t, cond, network=None):
-    """The conditional UNet prediction computed here: the tokenizer, the text encoder and the UNet called directly
-    at diffusers timestep ``round(t T) - 1`` (no CFG)."""
-    unet = network or base.unet
-    tok = base.tokenizer([base.texts[int(i)] for i in cond], padding="max_length",
-                         max_length=base.tokenizer.model_max_length, truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        emb = base.text_encoder(tok.input_ids).last_hidden_state
+def _direct_unet(base, x, t, texts, network=None):
+    """The UNet prediction at the prompts ``texts`` computed here: the tokenizer, the text encoder and the UNet called
+    directly at diffusers timestep ``round(t T) - 1`` (no CFG)."""
     k = (torch.round(t.double() * len(base.schedule.alphas_cumprod)) - 1).long()
-    return unet(x, k, encoder_hidden_states=emb).sample
+    return (network or base.unet)(x, k, encoder_hidden_states=_direct_embeddings(base, texts)).sample
+
+
+def _prompts(base, cond):
+    return [base.texts[int(i)] for i in cond]
 
 
 def test_iif_conditional_loss_is_the_epsilon_loss_of_the_adapted_unet():
@@ -137,7 +136,7 @@ def test_iif_conditional_loss_is_the_epsilon_loss_of_the_adapted_unet():
     xt = a * x0 + s * eps
     base.unet.enable_adapters()
     try:
-        eps_a = _direct_unet(base, xt, t, cond)
+        eps_a = _direct_unet(base, xt, t, _prompts(base, cond))
     finally:
         base.unet.disable_adapters()
     expected = ((eps - eps_a) ** 2).flatten(1).sum(1).mean()
@@ -165,8 +164,8 @@ def test_full_fine_tuning_h_is_zero_then_the_copy_and_loads_into_a_stock_pipelin
     w, sigma = base.guidance_scale, base.schedule.sigma(t.double()).float().view(-1, 1, 1, 1)
 
     def cfg_eps(unet):
-        uncond = _direct_unet_empty(base, x, t, unet)
-        c = _direct_unet(base, x, t, cond, unet)
+        uncond = _direct_unet(base, x, t, [""] * x.shape[0], unet)
+        c = _direct_unet(base, x, t, _prompts(base, cond), unet)
         return uncond + w * (c - uncond)
 
     with torch.no_grad():
@@ -176,16 +175,8 @@ def test_full_fine_tuning_h_is_zero_then_the_copy_and_loads_into_a_stock_pipelin
     guidance.save_pretrained(tmp_path / "unet")
     loaded = UNet2DConditionModel.from_pretrained(tmp_path / "unet")
     with torch.no_grad():
-        torch.testing.assert_close(_direct_unet(base, x, t, cond, loaded), _direct_unet(base, x, t, cond, guidance.net))
-
-
-def _direct_unet_empty(base, x, t, unet):
-    tok = base.tokenizer([""] * x.shape[0], padding="max_length", max_length=base.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    with torch.no_grad():
-        emb = base.text_encoder(tok.input_ids).last_hidden_state
-    k = (torch.round(t.double() * len(base.schedule.alphas_cumprod)) - 1).long()
-    return unet(x, k, encoder_hidden_states=emb).sample
+        texts = _prompts(base, cond)
+        torch.testing.assert_close(_direct_unet(base, x, t, texts, loaded), _direct_unet(base, x, t, texts, guidance.net))
 
 
 def test_prompt_evaluation_uses_fixed_seeds_and_leaves_the_training_stream_alone():

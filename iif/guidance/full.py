@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from iif.base_models.text_to_image import DTYPES
 from iif.guidance.base import Guidance
 
 Tensor = torch.Tensor
@@ -39,9 +40,8 @@ class FullFineTuning(Guidance):
 
     def __init__(self, base, reward=None, dtype: str = "float32"):
         super().__init__()
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if dtype not in dtypes:
-            raise ValueError(f"guidance.dtype must be one of {', '.join(dtypes)}, got '{dtype}'")
+        if dtype not in DTYPES:
+            raise ValueError(f"guidance.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
         missing = [a for a in ("adapter_host", "adapter_enabled", "frozen_eps") if not hasattr(base, a)]
         if missing:
             raise TypeError(f"guidance=full needs a base model that hosts a denoiser (e.g. base_model=sd15); "
@@ -50,7 +50,7 @@ class FullFineTuning(Guidance):
         if getattr(host, "peft_config", None):
             raise ValueError("guidance=full copies the base's denoiser, which already carries an adapter "
                              f"({', '.join(host.peft_config)}); build one guidance per base model")
-        self.net = copy.deepcopy(host).to(dtypes[dtype]).train()
+        self.net = copy.deepcopy(host).to(DTYPES[dtype]).train()
         self.net.requires_grad_(True)
         self._base = (base,)  # not a submodule: the frozen base is not the guidance's
 
