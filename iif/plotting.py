@@ -34,10 +34,11 @@ def _style(ax, title: str) -> None:
     ax.set_title(title, fontsize=9)
 
 
-def toy_figure(panels: dict[str, torch.Tensor], target, prior_samples: torch.Tensor, max_cols: int = 6):
-    """Prior samples, exact tilted density, then one panel of samples per entry of ``panels``; rows of at most
-    ``max_cols`` panels."""
-    n = 2 + len(panels)
+def toy_figure(panels: dict[str, torch.Tensor], target, prior_samples: torch.Tensor, max_cols: int = 6,
+               density: bool = True):
+    """Prior samples, exact tilted density (``density``: ``target.log_prob`` on the plane), then one panel of
+    samples per entry of ``panels`` (the first two coordinates); rows of at most ``max_cols`` panels."""
+    n = 1 + density + len(panels)
     cols = min(n, max_cols)
     rows = -(-n // cols)
     fig, grid = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
@@ -45,8 +46,9 @@ def toy_figure(panels: dict[str, torch.Tensor], target, prior_samples: torch.Ten
     for ax in axes[n:]:
         ax.axis("off")
     samples_panel(axes[0], prior_samples, "prior samples")
-    density_panel(axes[1], target.log_prob, "exact tilted target")
-    for ax, (name, x) in zip(axes[2:], panels.items()):
+    if density:
+        density_panel(axes[1], target.log_prob, "exact tilted target")
+    for ax, (name, x) in zip(axes[1 + density:], panels.items()):
         samples_panel(ax, x, name)
     fig.tight_layout()
     return fig

@@ -104,6 +104,22 @@ class BaseModel(nn.Module, abc.ABC):
         a, s = self._coefficients(t, x)
         return (x - s * eps) / a
 
+    @property
+    def gaussian(self) -> bool:
+        """Whether the data law is a single Gaussian, so that every kernel of a chain on this base is affine in
+        ``x`` (adjoint sampling needs it); False unless a base knows it."""
+        return False
+
+    def data_score(self, x: Tensor, cond: Tensor | None = None, t_min: float = 1e-3) -> Tensor:
+        """``grad log p_base(x)`` at clean samples ``x [B, *shape]`` (the target-score estimators need it,
+        ``iif.score_targets``). A learned model has no score at ``t = 0``; this is its score at ``t_min``,
+        ``-eps(x, t_min) / sigma(t_min)``: an approximation that is poor on data concentrated near a manifold, where
+        the score at ``t = 0`` does not exist. Analytic bases override it with the exact score."""
+        t = torch.full((x.shape[0],), t_min, dtype=x.dtype, device=x.device)
+        _, s = self._coefficients(t, x)
+        with torch.no_grad():
+            return -self.eps(x, t, cond) / s
+
     def prior_sample(self, n: int) -> Tensor:
         """``x_T ~ N(0, I)``: ``[n, *shape]`` on :attr:`device` (that device's global torch RNG)."""
         return torch.randn(n, *self.sample_shape, device=self.device)

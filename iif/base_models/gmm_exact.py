@@ -27,6 +27,16 @@ class GMMExact(BaseModel):
         super().__init__(schedule, (prior.dim,))
         self.prior = prior
 
+    def data_score(self, x: Tensor, cond: Tensor | None = None, t_min: float = 0.0) -> Tensor:
+        """Exact ``grad log p_data(x)`` (the mixture's score)."""
+        return self.prior.to(x.device).score(x).to(x.dtype)
+
+    @property
+    def gaussian(self) -> bool:
+        """Whether the data law is one Gaussian: every kernel of a chain on it is then affine in ``x`` (adjoint
+        sampling transports its adjoint in closed form)."""
+        return self.prior.n_components == 1
+
     def predict(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         t64 = t.to(torch.float64)
         m, v = self.schedule.alpha(t64), self.schedule.sigma(t64)

@@ -54,6 +54,12 @@ class Method(abc.ABC):
         :attr:`conditions`)."""
         return self.sampler.sample(self.base, self.guidance, n, cond=self.conditions_for(n, cond))
 
+    def path_log_prob(self, states: Tensor, cond: Tensor | None = None) -> Tensor | None:
+        """``log P(x_{0:N})`` ``[B]`` of given paths ``states [N+1, B, *shape]`` (``x_N..x_0``) under the law the
+        method samples from (Crooks' reverse works, ``iif.metrics.works``); None for a method whose samples are not
+        the endpoints of one diffusion path (best-of-K)."""
+        return self.sampler.path_log_prob(self.base, self.guidance, states, cond)
+
     def conditions_for(self, n: int, cond: Tensor | None = None) -> Tensor | None:
         """``cond`` on the base's device, or ``n`` conditions drawn from :attr:`conditions`."""
         cond = self.conditions.sample(n) if cond is None else cond
@@ -93,6 +99,11 @@ class FineTuned(Method):
             traj = self.sampler.sample(self.base, self.guidance, n, cond=cond, rows=ranks.shard(n))
         return Trajectory(x0=ranks.gather(traj.x0, n), log_rnd=ranks.gather(traj.log_rnd, n),
                           control_cost=ranks.gather(traj.control_cost, n), cond=cond, nfe=traj.nfe)
+
+    def path_log_prob(self, states: Tensor, cond: Tensor | None = None) -> Tensor | None:
+        """The path density of the sampling weights (EMA if enabled)."""
+        with self.trainer.sampling_weights():
+            return super().path_log_prob(states, cond)
 
     def state_dict(self) -> dict:
         return {"trainer": self.trainer.state_dict()}

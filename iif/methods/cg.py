@@ -21,3 +21,6 @@ class ClassifierGuidance(BaseOnly):
 
     def sample(self, n: int, cond=None):
         return self.sampler.sample(self.base, self.guide, n, cond=self.conditions_for(n, cond))
+
+    def path_log_prob(self, states, cond=None):
+        return self.sampler.path_log_prob(self.base, self.guide, states, cond)

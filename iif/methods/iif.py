@@ -10,6 +10,7 @@ import torch
 from iif.distributed import world
 from iif.importance import relaxed_rejection, solve_log_c
 from iif.methods.base import FineTuned
+from iif.score_targets import Conditional, ScoreTarget, regression_error, tilted_score
 from iif.time_sampling import UniformTime
 
 Tensor = torch.Tensor
@@ -42,7 +43,8 @@ class IIF(FineTuned):
     2. importance weights ``log w = r(x_0)/lambda + log RND``            ([IIF 11–13]; reward-only: ``r/lambda``);
     3. relaxed rejection ``alpha = min(1, w/c)`` with ``c`` solving ``mean alpha = rho_k`` exactly  ([IIF 14]);
     4. push the accepted ``x_0`` into the FIFO buffer;
-    5. ``M`` Adam steps on ``L_FT(h) = E ||sigma(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``          ([IIF 15])
+    5. ``M`` Adam steps on ``L_FT(h) = E ||sigma(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``          ([IIF 15];
+       the conditional score target, or the target/mixed one: ``score_target``, :meth:`loss`)
        ``+ gamma_KL * E[ g(t)^2 / (2 p(t)) ||h(x_t,t)||^2 ]``: the single-time estimate of the path KL
        ``int g^2/2 ||h||^2 dt`` with ``t ~ p`` (KL regulariser, [IIF 17], docs/methods.md §4.3),
        ``(x_0, cond) ~ buffer``, ``t ~ time_sampler``, ``x_t = alpha(t) x_0 + sigma(t) eps``.
@@ -66,6 +68,9 @@ class IIF(FineTuned):
             on ``eps``); False: with the conditional network alone (``base.conditional_only()``), so with a LoRA
             ``h`` the loss is the standard conditional epsilon loss ``||eps - eps_phi(x_t, t | c)||^2`` on
             accepted samples (docs/methods.md §8.4). Sampling (steps 1-2) always uses the base's CFG.
+        score_target: the regression target of step 5 (``iif.score_targets``): ``Conditional`` (default, the
+            paper's), ``TargetScore`` or ``Mixed`` (both need the reward's gradient at the buffer's samples and the
+            base's data score, docs/tilting.md §3).
     """
 
     requires = frozenset({"per_step_kernels"})  # the path RND (reward_only too: it shares the sampler path)
@@ -74,7 +79,8 @@ class IIF(FineTuned):
     def __init__(self, base, reward, sampler, guidance, buffer, conditions=None, *, n_samples: int = 2048,
                  acceptance: PiecewiseConstant | float = 0.3, grad_steps: int = 100, batch_size: int = 512,
                  optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, kl_weight: float = 0.0,
-                 use_rnd: bool = True, time_sampler=None, ema_decay: float = 0.0, cfg_in_loss: bool = True):
+                 use_rnd: bool = True, time_sampler=None, ema_decay: float = 0.0, cfg_in_loss: bool = True,
+                 score_target: ScoreTarget | None = None):
         for name, val in dict(n_samples=n_samples, grad_steps=grad_steps, batch_size=batch_size).items():
             if val < 1:
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
@@ -91,6 +97,10 @@ class IIF(FineTuned):
         self.kl_weight, self.use_rnd = kl_weight, use_rnd
         self.time_sampler = time_sampler or UniformTime()
         self.cfg_in_loss = bool(cfg_in_loss)
+        self.score_target = score_target or Conditional()
+        if self.score_target.needs_target_score and not reward.differentiable:
+            raise ValueError(f"method.score_target {self.score_target.name} needs the reward's gradient; reward "
+                             f"'{reward.name}' is not differentiable (use iif.score_targets.Conditional)")
 
     # ------------------------------------------------------------------ algorithm
     def setup(self) -> None:
@@ -139,6 +149,10 @@ class IIF(FineTuned):
         """``L_FT`` (+ ``gamma_KL R_KL``) on a buffer minibatch ``x0 [b, *shape]`` with its conditions ``cond [b, ...]``
         (or None); differentiates ``h`` only.
 
+        ``L_FT = E sigma(t)^2 ||h(x_t, t) - (Y - s_base(x_t, t))||^2`` with ``Y`` the score target
+        (``iif.score_targets.regression_error``); for the default conditional target ``Y = -eps / sigma`` this is
+        ``E ||sigma(t)(s_theta(x_t, t) + h(x_t, t)) + eps||^2`` ([IIF 15]).
+
         ``rows``: the loss of only these rows (one process's share); the times and noises of all ``b`` rows are
         drawn, so the rows are those of the whole minibatch.
         """
@@ -149,16 +163,10 @@ class IIF(FineTuned):
         x0, t, eps = x0[rows], t[rows], eps[rows]
         cond = None if cond is None else cond.to(device)[rows]
         t64 = t.to(torch.float64)
-        shape = (-1,) + (1,) * (x0.dim() - 1)
-        a, s = sched.alpha(t64).float().view(shape), sched.sigma(t64).float().view(shape)
-        xt = a * x0 + s * eps
+        score = tilted_score(self.base, self.reward, x0, cond) if self.score_target.needs_target_score else None
         with contextlib.nullcontext() if self.cfg_in_loss else self.base.conditional_only():
-            with torch.no_grad():
-                e_base = self.base.eps(xt, t, cond)
-                x0_hat = self.base.x0_hat(xt, t, e_base)
-            h = self.guidance(xt, t, x0_hat, cond)
-        # sigma (s_theta + h) + eps  with  sigma s_theta = -eps_theta
-        sm = ((eps - e_base + s * h) ** 2).flatten(1).sum(-1).mean()
+            err, h = regression_error(self.base, self.guidance, self.score_target, x0, t, eps, cond, score)
+        sm = (sched.sigma(t64).to(err.dtype) ** 2 * err).mean()
         if self.kl_weight == 0:
             return sm
         weight = 0.5 * sched.diffusion_sq(t64) / self.time_sampler.density(t64, sched)

@@ -33,3 +33,7 @@ class TopK(BaseOnly):
         return Trajectory(x0=x[torch.arange(n, device=x.device), best],
                           log_rnd=torch.zeros(n, dtype=torch.float64, device=x.device),
                           control_cost=None, cond=cond, nfe=traj.nfe * self.k)
+
+    def path_log_prob(self, states, cond=None):
+        """None: a best-of-K sample is not the endpoint of one diffusion path."""
+        return None

@@ -8,6 +8,7 @@ and re-derives nothing, so a new sampler serves every method.
 from __future__ import annotations
 
 import abc
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,6 +40,11 @@ class Trajectory:
             the base network included, e.g. a LoRA adapter's).
         stl_log_ratio: ``[B]`` float64 ``log dP^h/dP^0`` with the sticking-the-landing graph
             (``Sampler.rsample(stl=True)``), else None.
+        log_backward: ``[B]`` float64 ``log q(x_{1:N} | x_0) - log P^0(x_{0:N})``, the log-ratio of the base path's
+            noising chain started at ``x_0`` to the base chain (:meth:`Sampler.log_noising`,
+            :meth:`Sampler.path_log_prob`), accumulated during sampling; with it the path weight
+            ``log p_data(x_0) + r/lambda + log_rnd + log_backward`` is unbiased for ``log Z`` of the data-space tilt
+            (docs/tilting.md §4.4). None where a kernel is deterministic (no path density) or rows were gathered.
     """
 
     x0: Tensor
@@ -51,6 +57,7 @@ class Trajectory:
     x0_hats: Tensor | None = None
     nfe: int = 0
     stl_log_ratio: Tensor | None = None
+    log_backward: Tensor | None = None
 
 
 def rnd_step(delta: Tensor, z: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
@@ -90,6 +97,23 @@ def stl_step(shift: Tensor, delta_bar: Tensor, sigma: float) -> Tensor:
     (:func:`rnd_step`)."""
     s, d = shift.flatten(1).to(torch.float64), delta_bar.flatten(1).to(torch.float64)
     return ((s * s).sum(1) - ((s - d) ** 2).sum(1)) / (2 * sigma ** 2)
+
+
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor) -> Tensor:
+    """``log N(x; mean, std^2 I)`` summed over all but the first dimension: ``[B]`` float64."""
+    d = x[0].numel()
+    r = (x - mean).flatten(1).to(torch.float64)
+    std = torch.as_tensor(std, dtype=torch.float64)
+    return -0.5 * (r * r).sum(1) / std ** 2 - d * torch.log(std) - 0.5 * d * math.log(2 * math.pi)
+
+
+def noising_coefficients(path, t: float, s: float) -> tuple[float, float]:
+    """The base path's noising kernel ``q(x_t | x_s) = N(a x_s, v I)`` between times ``s < t``: ``a = alpha_t /
+    alpha_s``, ``v = sigma_t^2 - a^2 sigma_s^2`` (the path's own transition, whatever sampler runs on it)."""
+    ts = torch.tensor([t, s], dtype=torch.float64)
+    alpha, sigma = path.alpha(ts), path.sigma(ts)
+    a = float(alpha[0] / alpha[1])
+    return a, float(sigma[0] ** 2 - a ** 2 * sigma[1] ** 2)
 
 
 class Kernel(abc.ABC):
@@ -136,6 +160,8 @@ class Sampler(abc.ABC):
     4. ``log RND -= ||Delta||^2 / (2 c^2) + <Delta, z> / c``                ([IIF 44]; stochastic guided steps)
     5. (``rsample(stl=True)`` only) ``stl_log_ratio += log p^{h_bar}(x_s|x_t) - log p^0(x_s|x_t)``, ``h_bar``
        the guidance with frozen parameters (:func:`stl_step`)
+    6. (every kernel stochastic) ``log_backward += log q(x_t | x_s) - log p^0(x_s | x_t)``, the path's noising
+       kernel against the base kernel (Gaussian log-densities, no network evaluation)
 
     One base evaluation per step; nothing else is evaluated for the RND.
 
@@ -182,6 +208,42 @@ class Sampler(abc.ABC):
             return self._run(base, guidance, n, cond=cond, keep_states=False, accumulate_rnd=True, progress=progress,
                              rows=rows, stl=stl)
 
+    def noising_path(self, base, x0: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the base path's noising chain from ``x_0`` up the kernels' time grid: ``x_t = a x_s + sqrt(v) xi``
+        (:func:`noising_coefficients`). Returns the states ``[N+1, B, *shape]`` in sampling order ``x_N, ..., x_0``
+        (like ``Trajectory.states``) and ``log q(x_{1:N} | x_0)`` ``[B]`` float64. Under the memoryless base this
+        is the bridge ``P(. | x_0)``; with ``x_0 ~ p_tilt`` it draws the reverse paths of Crooks' estimator."""
+        kernels = self.kernels(base)
+        states, x, log_q = [x0], x0, torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
+        for k in reversed(kernels):  # from the cleanest step up
+            a, v = noising_coefficients(base.schedule, k.t, k.s)
+            x_next = a * x + math.sqrt(v) * torch.randn_like(x)
+            log_q += gaussian_log_prob(x_next, a * x, math.sqrt(v))
+            states.append(x_next)
+            x = x_next
+        return torch.stack(states[::-1]), log_q
+
+    @torch.no_grad()
+    def path_log_prob(self, base, guidance, states: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``log P^h(x_{0:N})`` ``[B]`` float64 of given paths ``states [N+1, B, *shape]`` (``x_N, ..., x_0``):
+        ``log N(x_N; 0, I) + sum_k log N(x_s; mu^0(x_t) + Delta(x_t), c^2 I)``, one base (and guidance) evaluation
+        per step. Every kernel must be stochastic."""
+        kernels = self.kernels(base)
+        if any(k.std == 0 for k in kernels):
+            raise ValueError("the path density needs every kernel to be stochastic (a deterministic step has none)")
+        if states.shape[0] != len(kernels) + 1:
+            raise ValueError(f"expected {len(kernels) + 1} states x_N..x_0, got {states.shape[0]}")
+        out = gaussian_log_prob(states[0], torch.zeros_like(states[0]), 1.0)
+        for i, k in enumerate(kernels):
+            x = states[i]
+            t = k.times(x.shape[0], x.dtype, x.device)
+            eps = base.eps(x, t, cond)
+            mean = k.base_mean(x, eps)
+            if guidance is not None and k.guided:
+                mean = mean + k.shift(guidance(x, t, base.x0_hat(x, t, eps), cond))
+            out += gaussian_log_prob(states[i + 1], mean, k.std)
+        return out
+
     @staticmethod
     def _noise(n: int, x: Tensor, rows: slice) -> Tensor:
         """``z ~ N(0, I)`` for the ``rows`` of a batch of ``n`` (the whole batch's draw, so a shard's rows hold the
@@ -203,8 +265,13 @@ class Sampler(abc.ABC):
         frozen = {name: p.detach() for name, p in guidance.named_parameters()} if stl else None
         keep = {"states": [x], "noises": [], "base_means": [], "x0_hats": []} if keep_states else None
         nfe_before = base.nfe
-        bar = tqdm(self.kernels(base), desc="sampling", leave=False, disable=not (progress and progress_enabled()))
+        kernels = self.kernels(base)
+        # log q(x_{1:N} | x_0) - log P^0(x_{0:N}): defined when every kernel has a density
+        log_backward = (-gaussian_log_prob(x.detach(), torch.zeros_like(x), 1.0)
+                        if all(k.std > 0 for k in kernels) else None)
+        bar = tqdm(kernels, desc="sampling", leave=False, disable=not (progress and progress_enabled()))
         for k in bar:
+            x_start = x.detach()
             t = k.times(n_rows, x.dtype, x.device)
             eps = base.eps(x, t, cond)
             x0_hat = base.x0_hat(x, t, eps) if guidance is not None or keep_states else None
@@ -231,10 +298,14 @@ class Sampler(abc.ABC):
                     # 5. sticking the landing: log p^{h_bar} - log p^0 at the new state, h_bar with frozen parameters
                     delta_bar = k.shift(torch.func.functional_call(guidance, frozen, (x_prev, t, x0_hat, cond)))
                     stl_log_ratio = stl_log_ratio + stl_step(x - mu0, delta_bar, k.std)
+            if log_backward is not None:  # 6. noising-chain and base-kernel log-densities of the step
+                a, v = noising_coefficients(base.schedule, k.t, k.s)
+                log_backward += (gaussian_log_prob(x_start, a * x.detach(), math.sqrt(v))
+                                 - gaussian_log_prob(x.detach(), mu0.detach(), k.std))
             if keep_states:
                 keep["states"].append(x.detach())
         stacked = {k: torch.stack(v) for k, v in keep.items()} if keep_states else {}
         # network evaluations per sample: the base's, and those a guidance made through it (an adapter)
         nfe = (base.nfe - nfe_before) // n_rows
         return Trajectory(x0=x, log_rnd=log_rnd, control_cost=control_cost, cond=cond, nfe=nfe,
-                          stl_log_ratio=stl_log_ratio, **stacked)
+                          stl_log_ratio=stl_log_ratio, log_backward=log_backward, **stacked)
