@@ -9,6 +9,7 @@ check the paper's qualitative claims.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -280,6 +281,16 @@ def main(argv: list[str] | None = None) -> int:
     spec = load_spec(args.artifact)
     if args.scale not in spec.scales:
         p.error(f"unknown scale '{args.scale}'; the spec has {list(spec.scales)}")
+    if spec.get("study"):  # an analytic study (iif/studies): a computation, not a sweep of runs
+        if args.seeds:
+            spec.seeds = [int(s) for s in args.seeds.split(",")]
+        out_dir = Path(args.out or Path("outputs") / spec.name)
+        t0 = time.perf_counter()
+        report, passed = importlib.import_module(spec.study).run(spec, args.scale, out_dir)
+        print("\n" + report)
+        print(f"wrote {out_dir}/{{{','.join(sorted(f.name for f in out_dir.iterdir() if f.is_file()))}}} in "
+              f"{time.perf_counter() - t0:.0f} s")
+        return 0 if passed else 1
     if args.methods:
         unknown = [m for m in args.methods.split(",") if m not in spec.methods]
         if unknown:
