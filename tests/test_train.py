@@ -41,6 +41,8 @@ def run_cli(args: list[str], env: dict, check: bool = True) -> subprocess.Comple
 PROBLEM_GROUPS = ("base_model", "reward", "guidance", "conditions", "evaluation")
 HUB_KEYS = ("base_model.pretrained", "reward.pretrained", "evaluation.embedder.pretrained")
 TOY_VARIANTS = {("base_model", "gmm_exact"): [], ("reward", "gmm_blackbox"): ["guidance=mlp"], ("guidance", "mlp"): []}
+# methods that need another problem than the toy's (adjoint sampling: a Gaussian base)
+OWN_EXPERIMENT = {("method", "as"): "sample_gaussian"}
 
 
 def experiment_choosing(group: str, option: str) -> str | None:
@@ -54,7 +56,7 @@ def experiment_choosing(group: str, option: str) -> str | None:
 @pytest.mark.parametrize("group,option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_option_composes_and_builds(group, option):
     """Each option of each group composes with the defaults and every component instantiates."""
-    experiment = experiment_choosing(group, option)
+    experiment = experiment_choosing(group, option) or OWN_EXPERIMENT.get((group, option))
     toy_variant = experiment is None and (group, option) in TOY_VARIANTS
     overrides = ["debug=fast", f"experiment={experiment or 'toy2d'}", f"{group}={option}",
                  *TOY_VARIANTS.get((group, option), [])]

@@ -7,6 +7,10 @@ figure (key names are used by other tools: keep them).
 * ``reward_mean``: mean raw reward ``E[r(x_0)]``.
 * ``top_mode_frac``: fraction of samples at the prior mode of highest reward (the target's share is printed as
   ``top_mode_frac`` of the exact samples in the tests; reward-only fine-tuning drives it towards 1).
+* ``log_z_jarzynski``, ``log_z_crooks``, ``log_z_bar``, ``log_z_error_*``, ``kl_gap``, ``ess_frac``,
+  ``work_forward_mean``, ``work_reverse_mean``, ``sandwich_ok``: log Z of the tilt from the method's path works and
+  from ``n_reverse`` exact target paths, against the exact value (``iif.metrics.works``, ``iif.metrics.log_z``);
+  absent for samplers without a path density.
 * ``sc_loss``: stochastic-control loss estimate ``E[sum_t ||Delta_t||^2 / (2 sigma_t^2) - r(x_0)/lambda]``
   (docs/methods.md §1.2); bounded below by ``-log Z_N``, the log normaliser of the N-step chain's own tilt (about
   ``-log Z`` for large N).
@@ -16,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from iif.metrics.base import Evaluation, Evaluator
+from iif.metrics.log_z import log_z_report
+from iif.metrics.works import forward_works, reverse_works
 from iif.plotting import toy_figure
 from iif.targets import TiltedGMMTarget
 
@@ -53,13 +59,15 @@ class ToyEvaluator(Evaluator):
         n_energy: samples (of each side) for ``energy_distance``.
         seed: evaluation seed (a run adds its own seed, so seeds differ in their evaluation draws too).
         n_plot: samples drawn in each scatter panel of the figure.
+        n_reverse: exact target paths for the reverse (Crooks) works and BAR (0: forward works only).
     """
 
     def __init__(self, base, reward, sampler=None, n_samples: int = 10_000, n_energy: int = 2048, seed: int = 12345,
-                 n_plot: int = 4000):
-        if n_samples < 2 or n_energy < 2:
-            raise ValueError("evaluation needs at least 2 samples")
+                 n_plot: int = 4000, n_reverse: int = 2048):
+        if n_samples < 2 or n_energy < 2 or n_reverse < 0 or n_reverse == 1:
+            raise ValueError("evaluation needs at least 2 samples (n_samples, n_energy; n_reverse 0 or >= 2)")
         self.n_samples, self.n_energy, self.seed, self.n_plot = n_samples, n_energy, seed, n_plot
+        self.n_reverse = n_reverse
         self.prior, self.reward = base.prior, reward
         self.target = TiltedGMMTarget(self.prior, reward)
 
@@ -68,7 +76,9 @@ class ToyEvaluator(Evaluator):
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             traj = method.sample(self.n_samples)
-            ref = self.target.sample(self.n_energy, generator=torch.Generator().manual_seed(seed + 1))
+            ref = self.target.sample(max(self.n_energy, self.n_reverse), generator=torch.Generator().manual_seed(seed + 1))
+            w_f = forward_works(traj, self.log_gamma)
+            w_r = reverse_works(method, ref[: self.n_reverse], self.log_gamma) if self.n_reverse and w_f is not None else None
         x = traj.x0.cpu()  # the exact target and the metrics live on the CPU
         target, reward = self.target, self.reward
         top = int(torch.argmax(reward(target.prior.means)))
@@ -76,14 +86,21 @@ class ToyEvaluator(Evaluator):
         metrics = {
             "mode_tv": mode_tv(x, target),
             "top_mode_frac": mode_histogram(x, target)[top].item(),
-            "energy_distance": energy_distance(x[: self.n_energy], ref),
+            "energy_distance": energy_distance(x[: self.n_energy], ref[: self.n_energy]),
             "reward_mean": (log_tilt * reward.temperature).mean().item(),
             "sample_nfe": traj.nfe,  # base evaluations per returned sample (best-of-K: K x steps)
         }
         if traj.control_cost is not None:  # path statistics exist only for samples of one diffusion path
             metrics["sc_loss"] = (traj.control_cost.cpu() - log_tilt).mean().item()
             metrics["kl_path"] = traj.control_cost.mean().item()
+        if w_f is not None:
+            metrics.update(log_z_report(w_f, w_r, float(target.log_z)).as_metrics())
         return Evaluation(metrics, x, {"samples": self.figure({label: x})} if figures else {})
+
+    def log_gamma(self, x: Tensor) -> Tensor:
+        """``log p_prior(x) + r(x)/lambda``: the unnormalised tilt, whose integral is ``Z``."""
+        x = x.to(torch.float64).cpu()
+        return self.prior.log_prob(x) + self.reward.gmm.log_prob(x) / self.reward.temperature
 
     def figure(self, panels: dict[str, Tensor]):
         """Prior samples, the exact tilted density, then one scatter panel per entry of ``panels`` (name: samples

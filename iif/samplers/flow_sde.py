@@ -24,6 +24,8 @@ from iif.schedules.base import GaussianPath
 
 Tensor = torch.Tensor
 
+LAST_STEPS = ("tweedie", "noise")
+
 
 def log_alpha_rate(path: GaussianPath, t: Tensor) -> Tensor:
     """``f(t) = d log alpha / dt``, the forward SDE's drift rate: ``-g^2/2`` on a variance-preserving path
@@ -82,12 +84,19 @@ class FlowSDESampler(Sampler):
         spacing: timestep spacing on a discrete schedule (``leading``, ``trailing``, ``linspace``); continuous paths
             ignore it.
         steps_offset: added to ``leading`` timesteps on a discrete schedule (Stable Diffusion's scheduler uses 1).
+        last_step: ``tweedie`` (default) or ``noise``: the Euler–Maruyama step to ``t = 0`` like every other, so that
+            every kernel is stochastic and path densities exist (``sampler=em``; the path works of
+            ``iif.metrics.works`` need it).
     """
 
-    def __init__(self, n_steps: int = 50, noise_scale: float = 1.0, spacing: str = "leading", steps_offset: int = 0):
-        if n_steps < 2:
-            raise ValueError(f"sampler.n_steps must be >= 2 for flow_sde (the last step is deterministic), "
+    def __init__(self, n_steps: int = 50, noise_scale: float = 1.0, spacing: str = "leading", steps_offset: int = 0,
+                 last_step: str = "tweedie"):
+        if last_step not in LAST_STEPS:
+            raise ValueError(f"sampler.last_step must be one of {', '.join(LAST_STEPS)}, got '{last_step}'")
+        if n_steps < 2 and last_step == "tweedie":
+            raise ValueError(f"sampler.n_steps must be >= 2 with last_step=tweedie (the last step is deterministic), "
                              f"got {n_steps}")
+        self.last_step = last_step
         if not noise_scale > 0:
             raise ValueError(f"sampler.noise_scale must be > 0 (1: memoryless), got {noise_scale}")
         self.n_steps, self.noise_scale, self.spacing = int(n_steps), float(noise_scale), spacing
@@ -104,11 +113,13 @@ class FlowSDESampler(Sampler):
         g2 = path.diffusion_sq(t)
         nu2 = self.noise_scale ** 2 * g2
         f = log_alpha_rate(path, t)
-        # 1.-5. Euler–Maruyama; index 0 (the step to s = 0): Tweedie
+        # 1.-5. Euler–Maruyama; index 0 (the step to s = 0): Tweedie, unless last_step=noise
         a_x, a_eps = 1 - f * dt, -(g2 + nu2) * dt / (2 * sigma)
-        a_x[0], a_eps[0] = 1 / alpha[0], -sigma[0] / alpha[0]
         std = (nu2 * dt).sqrt()
-        std[0] = 0.0
         shift = -sigma * a_eps
+        tweedie = self.last_step == "tweedie"
+        if tweedie:
+            a_x[0], a_eps[0] = 1 / alpha[0], -sigma[0] / alpha[0]
+            std[0] = 0.0
         return [FlowSDEKernel(float(t[i]), float(s[i]), float(a_x[i]), float(a_eps[i]), float(std[i]),
-                              float(shift[i]), guided=i > 0) for i in range(self.n_steps - 1, -1, -1)]
+                              float(shift[i]), guided=i > 0 or not tweedie) for i in range(self.n_steps - 1, -1, -1)]
