@@ -40,6 +40,7 @@ class BaseModel(nn.Module, abc.ABC):
     """
 
     provides: ClassVar[frozenset[str]] = frozenset({"differentiable_base"})
+    data_log_prob = None  # analytic bases: a method ``data_log_prob(x [B, *shape]) -> [B]``, ``log p_data(x)``
     evals_per_call: ClassVar[int] = 1
     latent: ClassVar[bool] = False
 

@@ -31,6 +31,10 @@ class GMMExact(BaseModel):
         """Exact ``grad log p_data(x)`` (the mixture's score)."""
         return self.prior.to(x.device).score(x).to(x.dtype)
 
+    def data_log_prob(self, x: Tensor) -> Tensor:
+        """``log p_data(x)`` ``[B]`` float64 (the path works of CMCD and the evaluators need it)."""
+        return self.prior.to(x.device).log_prob(x.to(torch.float64))
+
     @property
     def gaussian(self) -> bool:
         """Whether the data law is one Gaussian: every kernel of a chain on it is then affine in ``x`` (adjoint

@@ -117,6 +117,15 @@ class AdjointMatching(FineTuned):
             out[i] = a
         return out
 
+    @staticmethod
+    def adjoint_growth(a: Tensor) -> tuple[float, float]:
+        """The lean adjoint's growth along each path, ``sup_k |a_k| / |a_0|`` (docs/tilting.md §5: bounded by 1 /
+        alpha-type factors on log-concave bases, unbounded near a bimodal base's separatrix): its median and maximum
+        over the batch, from ``a [N+1, b, *shape]``."""
+        norms = a.flatten(2).norm(dim=2)  # [N+1, b]
+        ratio = (norms / norms[-1].clamp(min=1e-12)).amax(dim=0)
+        return ratio.median().item(), ratio.max().item()
+
     def _loss_network(self) -> contextlib.AbstractContextManager:
         """The base's CFG (``cfg_in_loss``) or its conditional network alone, for the adjoint and the control."""
         return contextlib.nullcontext() if self.cfg_in_loss else self.base.conditional_only()
@@ -130,7 +139,7 @@ class AdjointMatching(FineTuned):
         return a[1:] if self.target == "post" else a[:-1]
 
     def fit_step(self, iteration: int) -> dict[str, float]:
-        losses, kept, norms, adj = [], [], [], []
+        losses, kept, norms, adj, growth = [], [], [], [], []
         rows = world().shard(self.batch_size)
         for _ in range(self.grad_steps):
             # 1. detached trajectories of the current model (this process's rows)
@@ -146,8 +155,11 @@ class AdjointMatching(FineTuned):
             losses.append(loss.item())
             kept.append(frac)
             adj.append(a[0].flatten(1).norm(dim=1).mean().item())
+            growth.append(self.adjoint_growth(a))
         n = len(losses)
-        logged = world().mean({"loss": sum(losses) / n, "kept_frac": sum(kept) / n, "adjoint_norm_t1": sum(adj) / n})
+        logged = world().mean({"loss": sum(losses) / n, "kept_frac": sum(kept) / n, "adjoint_norm_t1": sum(adj) / n,
+                               "adjoint_growth_median": sum(g[0] for g in growth) / n,
+                               "adjoint_growth_max": max(g[1] for g in growth)})
         return {**logged, "grad_norm": sum(norms) / n, "lr": self.trainer.lr,
                 "clip_threshold": self.clip_threshold if self.clip_threshold is not None else float("nan")}
 

@@ -1,0 +1,157 @@
+"""``nets``: non-equilibrium transport sampling's PINN loss on the diffusion-time tilting path (Albergo & Vanden-Eijnden
+2025; the unified paper's thermodynamic view, docs/tilting.md §4.2)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from iif.methods.base import FineTuned
+from iif.nn import TimeMLP
+from iif.samplers.flow_sde import log_alpha_rate
+
+Tensor = torch.Tensor
+
+
+class NETSDrift(nn.Module):
+    """The guidance NETS samples with, and its learned free energy.
+
+    Path of densities (generative time ``tau = 1 - t``): ``gamma_t(x) = p^base_t(x) exp(kappa(t) r(x)/lambda)`` with
+    ``kappa(t) = 1 - t``, from the prior (``t = 1``, ``Z = 1``) to the tilt (``t = 0``, ``Z``). The sampler's SDE
+    ``dX = [v + c + eps (s_base + grad r_t)] dtau + sqrt(2 eps) dW`` with ``eps = g^2/2`` is the base's reverse SDE
+    guided by ``h = c / g^2 + grad r_t / 2`` (score units), so ``control`` (any guidance module) holds ``u = c / g^2``
+    and this module adds ``kappa(t) grad r(x) / (2 lambda)``.
+
+    Attributes:
+        control: the learned ``u(x, t) = c(x, t) / g(t)^2``.
+        free_energy: ``F(t) = (1 - t) phi(t)``, an estimate of ``log Z_t`` (``F(1) = 0``; ``F(0)``: of ``log Z``).
+    """
+
+    def __init__(self, control: nn.Module, reward, hidden: int = 64):
+        super().__init__()
+        self.control, self.reward = control, reward
+        self.phi = TimeMLP(0, 1, hidden=hidden, layers=2, t_dim=16, zero_init=True, t_scale=10.0)  # smooth in t
+
+    def free_energy(self, t: Tensor) -> Tensor:
+        """``F(t) [B]`` for ``t [B]``."""
+        return (1 - t) * self.phi(t.new_zeros(t.shape[0], 0), t)[:, 0]
+
+    def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
+        kappa = (1 - t).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        return self.control(x, t, x0_hat, cond) + 0.5 * kappa * self.reward.grad_log_tilt(x.detach(), cond)
+
+
+class NETS(FineTuned):
+    """Fit the transport correction ``c`` and the free energy ``F`` by the PINN residual of the tilting path.
+
+    With ``v = -f x + g^2/2 s_base`` the base's probability-flow velocity and ``c = g^2 u``, the residual of the
+    continuity equation of ``pi_t = gamma_t / Z_t`` (generative time; exact transport iff ``R == 0``):
+
+        ``R = d_tau r_tau + grad r_tau . v + div c + (s_base + grad r_tau) . c - d_tau F``,
+        ``r_tau = kappa r / lambda``, ``d_tau r_tau = r / lambda``, ``grad r_tau = kappa grad r / lambda``.
+
+    Each optimiser step:
+
+    1. draw ``b`` trajectories of the current sampler (``h`` of :class:`NETSDrift`) without a graph, states kept;
+    2. pick ``S`` states per trajectory at random steps (the off-policy law ``mu_t``: any full-support law works);
+    3. ``loss = mean R^2`` at those states, with ``div c`` exact (``dim <= exact_divergence_max``: one
+       autograd pass per coordinate, through the guidance's input ``x0_hat(x)`` too) or Hutchinson's (one Rademacher
+       probe);
+    4. step (``u`` and ``F`` together).
+
+    ``F(0)`` estimates ``log Z`` (logged as ``log_z_nets``); the path works of any run (``iif.metrics.works``) give
+    the Jarzynski/BAR estimates of the same. Differentiated: ``u`` (and its divergence) and ``F``; states, base score,
+    reward and its gradient are detached.
+
+    Args:
+        batch_size: ``b``; loss_steps: ``S``; grad_steps: optimiser steps per iteration.
+        free_energy_hidden: width of ``F``'s network.
+        exact_divergence_max: the largest sample dimension with the exact divergence.
+        optimizer, iterations, lr_final_factor, grad_clip, ema_decay: see ``iif.methods.optim.Trainer``.
+    """
+
+    requires = frozenset({"differentiable_reward", "differentiable_base", "per_step_kernels"})
+
+    def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 256,
+                 loss_steps: int = 8, grad_steps: int = 10, free_energy_hidden: int = 64,
+                 exact_divergence_max: int = 16, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
+                 grad_clip: float = 0.0, ema_decay: float = 0.0):
+        if min(batch_size, loss_steps, grad_steps) < 1:
+            raise ValueError(f"method.batch_size, loss_steps and grad_steps must be >= 1, got {batch_size}, "
+                             f"{loss_steps}, {grad_steps}")
+        drift = NETSDrift(guidance, reward, free_energy_hidden).to(base.device)
+        super().__init__(base, reward, sampler, drift, buffer, conditions, optimizer=optimizer,
+                         total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
+                         ema_decay=ema_decay)
+        self.batch_size, self.loss_steps, self.grad_steps = batch_size, loss_steps, grad_steps
+        self.exact_divergence_max = exact_divergence_max
+        kernels = sampler.kernels(base)
+        if loss_steps > len(kernels):
+            raise ValueError(f"method.loss_steps={loss_steps} exceeds the sampler's n_steps={len(kernels)}")
+        self._t = torch.tensor([k.t for k in kernels], device=base.device)
+
+    def residual(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``R(x, t) [B]`` at states ``x [B, *shape]`` and times ``t [B]``, with a graph to ``u`` and ``F``."""
+        sched = self.base.schedule
+        t64 = t.to(torch.float64)
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        sigma = sched.sigma(t64).to(x.dtype).view(shape)
+        g2 = sched.diffusion_sq(t64).to(x.dtype).view(shape)
+        f = log_alpha_rate(sched, t64).to(x.dtype).view(shape)
+        kappa = (1 - t).to(x.dtype).view(shape)
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            eps = self.base.eps(x, t, cond)
+            s_base = (-eps / sigma).detach()
+            c = g2 * self.guidance.control(x, t, self.base.x0_hat(x, t, eps), cond)
+            div = self.divergence(c, x)
+            tt = t.detach().requires_grad_(True)
+            (dF_dt,) = torch.autograd.grad(self.guidance.free_energy(tt).sum(), tt, create_graph=True)
+        r = self.reward.log_tilt(x.detach(), cond).to(x.dtype)
+        grad_r = kappa * self.reward.grad_log_tilt(x.detach(), cond).to(x.dtype)
+        v = -f * x.detach() + 0.5 * g2 * s_base
+        dot = lambda a, b: (a * b).flatten(1).sum(1)  # noqa: E731
+        return r + dot(grad_r, v) + div + dot(s_base + grad_r, c) + dF_dt  # d_tau F = -dF/dt
+
+    def divergence(self, c: Tensor, x: Tensor) -> Tensor:
+        """``div_x c [B]`` with a graph: exact for ``dim <= exact_divergence_max``, else Hutchinson's
+        ``E[v^T (dc/dx) v]`` with one Rademacher ``v``."""
+        flat_c = c.flatten(1)
+        n, d = flat_c.shape
+        div = torch.zeros(n, dtype=c.dtype, device=c.device)
+        if not c.requires_grad:  # a correction that does not depend on x (or on anything trainable)
+            return div
+
+        def vjp(out: Tensor) -> Tensor:
+            (g,) = torch.autograd.grad(out, x, create_graph=True, allow_unused=True)
+            return torch.zeros_like(x) if g is None else g
+
+        if d > self.exact_divergence_max:
+            v = torch.randint(0, 2, c.shape, device=c.device).to(c.dtype) * 2 - 1
+            return (vjp((c * v).sum()) * v).flatten(1).sum(1)
+        for i in range(d):
+            div = div + vjp(flat_c[:, i].sum()).flatten(1)[:, i]
+        return div
+
+    def fit_step(self, iteration: int) -> dict[str, float]:
+        losses, norms = [], []
+        b, s = self.batch_size, self.loss_steps
+        for _ in range(self.grad_steps):
+            # 1. detached trajectories of the current sampler
+            cond = self.conditions_for(b)
+            with self.trainer.sampling_weights():
+                traj = self.sampler.sample(self.base, self.guidance, b, cond=cond, keep_states=True,
+                                           accumulate_rnd=False)
+            # 2. S states per trajectory at random steps
+            idx = torch.rand(b, len(self._t), device=self._t.device).argsort(dim=1)[:, :s]  # [b, S]
+            cols = torch.arange(b, device=idx.device)[:, None].expand_as(idx)
+            x = traj.states[idx, cols].reshape(b * s, *traj.states.shape[2:])
+            c_rep = None if cond is None else cond.repeat_interleave(s, dim=0)
+            # 3. PINN loss
+            loss = (self.residual(x, self._t[idx.reshape(-1)], c_rep) ** 2).mean()
+            # 4. step
+            norms.append(self.trainer.minimise(loss))
+            losses.append(loss.item())
+        with torch.no_grad():
+            log_z = self.guidance.free_energy(torch.zeros(1, device=self._t.device)).item()
+        n = len(losses)
+        return {"loss": sum(losses) / n, "log_z_nets": log_z, "grad_norm": sum(norms) / n, "lr": self.trainer.lr}
