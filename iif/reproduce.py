@@ -49,12 +49,20 @@ def settings_of(spec) -> dict[str, list[str]]:
     return {str(k): list(v) for k, v in (spec.get("settings") or {"": []}).items()}
 
 
+def with_experiment(spec, scale: str, overrides: list[str]) -> list[str]:
+    """``experiment=<the spec's>`` and then ``overrides``, unless they choose the experiment themselves (the settings
+    of an artifact over several problems, e.g. logz's energies): then their choice, first (Hydra takes one value
+    per key)."""
+    own = [o for o in overrides if o.startswith("experiment=")]
+    rest = [o for o in overrides if not o.startswith("experiment=")]
+    return [own[-1] if own else f"experiment={experiment_of(spec, scale)}", *rest]
+
+
 def run_overrides(spec, scale: str, extra: list[str] = (), method_overrides: list[str] = ()) -> list[str]:
     """The overrides of a run of the artifact at ``scale`` (besides ``method`` and ``seed``), in the order they
-    apply: the experiment, the spec's, the scale's, the method's (its sizes, a tuned value), then ``extra`` (a
-    setting's and the user's: they win)."""
-    return [f"experiment={experiment_of(spec, scale)}", *spec.overrides, *spec.scales[scale], *method_overrides,
-            *extra]
+    apply: the experiment (the spec's, or a setting's), the spec's, the scale's, the method's (its sizes, a tuned
+    value), then ``extra`` (a setting's and the user's: they win)."""
+    return with_experiment(spec, scale, [*spec.overrides, *spec.scales[scale], *method_overrides, *extra])
 
 
 def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str],
@@ -121,16 +129,25 @@ def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[
     runs_dir = runs_dir.resolve()
     tuned = set(spec.get("tune") or {})
     per_method = jobs <= 1 or len(spec.methods) >= 2 * jobs
-    tasks = ([(m, list(seeds)) for m in spec.methods] if per_method
-             else [(m, [seed]) for m in spec.methods for seed in seeds])
+    may_fail = set(spec.get("may_fail") or [])  # methods expected to diverge on some problems: one run per seed
+    tasks = ([(m, list(seeds)) for m in spec.methods if m not in may_fail] if per_method
+             else [(m, [seed]) for m in spec.methods if m not in may_fail for seed in seeds])
+    tasks += [(m, [seed]) for m in spec.methods if m in may_fail for seed in seeds]
+    failures: list[str] = []
+    (runs_dir / "failed.json").unlink(missing_ok=True)
     threads = 1 if jobs > 1 else None
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         tuning = pool.submit(tune, spec, scale, runs_dir, extra, threads)
 
         def run_task(method: str, task_seeds: list[int]) -> None:
             own = [*method_overrides(spec, scale, method), *([tuning.result()[method]] if method in tuned else [])]
-            run_sweep(spec, scale, task_seeds, runs_dir, extra, methods=[method], method_overrides=own,
-                      threads=threads)
+            try:
+                run_sweep(spec, scale, task_seeds, runs_dir, extra, methods=[method], method_overrides=own,
+                          threads=threads)
+            except subprocess.CalledProcessError:
+                if method not in may_fail:
+                    raise
+                failures.append(f"{method} seed {','.join(map(str, task_seeds))}")
 
         # untuned methods first, so that the tuning (submitted first) has finished when a tuned one starts
         futures = [pool.submit(run_task, m, s) for m, s in sorted(tasks, key=lambda task: task[0] in tuned)]
@@ -141,6 +158,8 @@ def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[
             for f in futures:
                 f.cancel()
             raise
+    if failures:  # the report lists them (a diverged run has no metrics.json: its row counts the runs that ended)
+        (runs_dir / "failed.json").write_text(json.dumps(sorted(failures)))
 
 
 def method_overrides(spec, scale: str, method: str) -> list[str]:
@@ -201,7 +220,7 @@ def make_figure(spec, scale: str, rows: list[dict], out_path: Path, overrides: l
     from iif.build import build
     from iif.config import compose
 
-    cfg, _ = compose([f"experiment={experiment_of(spec, scale)}", *spec.overrides, *overrides, "logger=none"])
+    cfg, _ = compose([*with_experiment(spec, scale, [*spec.overrides, *overrides]), "logger=none"])
     evaluator = build(cfg).evaluator
     panels = {}
     for r in rows:
@@ -334,12 +353,17 @@ def main(argv: list[str] | None = None) -> int:
         if spec.get("facts"):  # the same on every run of the setting (e.g. the reference): one line
             facts = {k: runs[0][k] for k in spec.facts if k in runs[0]}
             note += f"\n{spec.get('facts_title', 'facts')}{label}: " + ", ".join(f"{k} = {v:.4g}" for k, v in facts.items())
+        failed = runs_dir / "failed.json"
+        if failed.exists():
+            note += f"\nfailed{label} (methods allowed to fail, spec may_fail): " + ", ".join(json.loads(failed.read_text()))
         tuned = runs_dir / "tuned.json"
         if tuned.exists():
             note += f"\ntuned{label}: " + ", ".join(f"{m}: {o}" for m, o in json.loads(tuned.read_text()).items())
         sections.append((setting, rows, note))
         all_rows.append((setting, rows))
     md = write_combined(all_rows, metrics, out_dir, list(spec.get("common_metrics") or []))
+    if spec.get("rank_by"):
+        md += "\n" + ranking(tables, spec.rank_by, spec.metrics[spec.rank_by], list(spec.methods), out_dir)
     lines = check_claims(spec, tables, args.scale)
     notes = "".join(note for _, _, note in sections)
     curve_note = ""
@@ -357,6 +381,30 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + report)
     print(f"wrote {out_dir}/table.md, table.csv, figures in {time.perf_counter() - t0:.0f} s")
     return 0
+
+
+def ranking(tables: dict[str, dict], metric: str, direction: str, methods: list[str], out_dir: Path) -> str:
+    """Rank the methods within each setting by ``metric`` (1: best; ``direction`` lower or higher is better) and by
+    their mean rank over the settings: a markdown table, also written to ``ranking.md``. Ties share the better
+    rank; a method without the metric in a setting is left out of that setting's ranking."""
+    settings = [k for k in tables if k]
+    ranks: dict[str, dict[str, int]] = {m: {} for m in methods}
+    for setting in settings:
+        values = tables[setting].get(metric, {})
+        scored = [(v if direction != "higher" else -v, m) for m, v in values.items() if m in ranks and math.isfinite(v)]
+        for m in ranks:
+            if m in values and math.isfinite(values[m]):
+                ranks[m][setting] = 1 + sum(1 for v, _ in scored if v < (values[m] if direction != "higher"
+                                                                            else -values[m]))
+    mean = {m: sum(r.values()) / len(r) for m, r in ranks.items() if r}
+    order = sorted(mean, key=mean.get)
+    head = f"ranking by {metric} ({direction} is better) within each setting; mean rank over settings\n\n"
+    rows = ["| method | mean rank | " + " | ".join(settings) + " |", "|---|---|" + "---|" * len(settings)]
+    rows += [f"| {m} | {mean[m]:.2f} | " + " | ".join(str(ranks[m].get(s, "–")) for s in settings) + " |"
+             for m in order]
+    text = head + "\n".join(rows) + "\n"
+    (out_dir / "ranking.md").write_text(text)
+    return text
 
 
 def write_combined(settings_rows: list[tuple[str, list[dict]]], metrics: list[str], out_dir: Path,

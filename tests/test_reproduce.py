@@ -295,3 +295,52 @@ def test_common_metrics_are_one_column_the_mean_over_settings(tmp_path):
     assert float(iif["s1/r"]) == 1.0 and float(iif["s2/r"]) == 2.0
     assert float(iif["t"]) == 15.0 and math.isclose(float(iif["t_se"]), math.sqrt(3.0 ** 2 + 4.0 ** 2) / 2)
     assert float(rows[1]["t"]) == 2.0
+
+
+def test_a_setting_may_choose_its_own_experiment():
+    """logz's settings are problems: their `experiment=` replaces the spec's (Hydra takes one value per key)."""
+    from iif.reproduce import load_spec, run_overrides
+
+    spec = load_spec("logz")
+    over = run_overrides(spec, "ci", ["experiment=sample_gmm", "seed=3"])
+    assert over[0] == "experiment=sample_gmm" and sum(o.startswith("experiment=") for o in over) == 1
+    assert over[-1] == "seed=3"
+    assert run_overrides(spec, "ci", [])[0] == f"experiment={spec.experiment}"
+
+
+def test_ranking_within_settings(tmp_path):
+    """Ranks per setting (ties share the better rank), mean rank over settings, best first."""
+    from iif.reproduce import ranking
+
+    tables = {"a": {"d": {"x": 0.1, "y": 0.3, "z": 0.1}}, "b": {"d": {"x": 0.5, "y": 0.2, "z": 0.4}}}
+    text = ranking(tables, "d", "lower", ["x", "y", "z"], tmp_path)
+    rows = [r for r in text.splitlines() if r.startswith("| ") and "mean rank" not in r]
+    assert [r.split(" | ")[0][2:] for r in rows] == ["z", "x", "y"]  # mean ranks 1.5, 2.0, 2.5
+    assert "| x | 2.00 | 1 | 3 |" in text and (tmp_path / "ranking.md").read_text() == text
+
+
+def test_methods_allowed_to_fail_are_listed_not_fatal(tmp_path, monkeypatch):
+    """A run of a `may_fail` method that exits with an error (TSM diverging) is recorded in failed.json and the
+    other runs go on; a failure of any other method stops the artifact."""
+    import subprocess
+
+    from omegaconf import OmegaConf
+
+    import iif.reproduce as rp
+
+    ran = []
+
+    def fake_sweep(spec, scale, seeds, runs_dir, extra, methods=None, method_overrides=(), threads=None, **kw):
+        ran.append((methods[0], tuple(seeds)))
+        if methods[0] in ("tsm", "bad") and 1 in seeds:
+            raise subprocess.CalledProcessError(1, ["iif-train"])
+
+    monkeypatch.setattr(rp, "run_sweep", fake_sweep)
+    monkeypatch.setattr(rp, "prepare_base", lambda *a, **k: None)
+    spec = OmegaConf.create({"methods": ["csm", "tsm"], "may_fail": ["tsm"], "scales": {"ci": []}, "overrides": []})
+    rp.run_setting(spec, "ci", [0, 1, 2], tmp_path, [], jobs=1)
+    assert json.loads((tmp_path / "failed.json").read_text()) == ["tsm seed 1"]
+    assert ("csm", (0, 1, 2)) in ran and {("tsm", (s,)) for s in (0, 1, 2)} <= set(ran)  # one run per seed
+    spec.methods = ["bad"]
+    with pytest.raises(subprocess.CalledProcessError):
+        rp.run_setting(spec, "ci", [0, 1], tmp_path, [], jobs=1)
