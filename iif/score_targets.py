@@ -106,8 +106,9 @@ def regression_error(base, guidance, target: ScoreTarget, x0: Tensor, t: Tensor,
     """
     shape = (-1,) + (1,) * (x0.dim() - 1)
     t64 = t.to(torch.float64)
-    a = base.schedule.alpha(t64).to(x0.dtype).view(shape)
-    s = base.schedule.sigma(t64).to(x0.dtype).view(shape)
+    dtype = torch.promote_types(x0.dtype, torch.float32)  # targets ~ 1/sigma: at least float32 for half samples
+    a = base.schedule.alpha(t64).to(dtype).view(shape)
+    s = base.schedule.sigma(t64).to(dtype).view(shape)
     xt = a * x0 + s * eps
     with torch.no_grad():
         e_base = base.eps(xt, t, cond)
