@@ -165,7 +165,7 @@ OFFLINE_MODELS = ["base_model.pretrained=tiny", "base_model.latent_size=null", "
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("artifact", ["figure1", "table1", "figure2", "table2"])
+@pytest.mark.parametrize("artifact", ["figure1", "table1", "figure2", "table2", "logz", "tilts"])
 def test_every_scale_of_every_spec_composes_and_builds_for_every_method(artifact):
     """What `iif-reproduce ARTIFACT --scale S` would launch, for every scale (the paper scale too, which no CI machine
     runs), setting and method, with its per-method sizes and a tuned value: composed by Hydra and built on CPU, so
