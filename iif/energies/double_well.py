@@ -69,7 +69,7 @@ class DoubleWellEnergy(Energy):
                              f"[-L, 0] and [0, L], L = {L:.4f} (tails < e^-{self.TAIL_GAP:g}); "
                              f"+ (D-1)/2 log 2pi in closed form")
         self.mode_weights = torch.as_tensor(mass / mass.sum(), dtype=torch.float64)
-        self.modes = torch.zeros(2, self.dim, dtype=torch.float64)
+        self.modes = torch.zeros(2, self.dim, dtype=torch.float64, device="cpu")
         for k, candidates in enumerate((self._crit[self._crit < 0], self._crit[self._crit >= 0])):
             candidates = np.append(candidates, 0.0)  # the minimiser on a half-line: a critical point or 0
             self.modes[k, 0] = float(candidates[np.argmin(self.e1(candidates))])
@@ -108,12 +108,12 @@ class DoubleWellEnergy(Energy):
         return torch.cat([self.e1_prime(x[:, :1]), x[:, 1:]], dim=1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
-        x1 = torch.empty(0, dtype=torch.float64)
+        x1 = torch.empty(0, dtype=torch.float64, device="cpu")
         while x1.numel() < n:
             m = int(1.1 * (n - x1.numel()) / self._accept_rate) + 16
             piece = torch.multinomial(self._pieces, m, replacement=True, generator=generator)
-            u = torch.rand(m, dtype=torch.float64, generator=generator)
-            expo = -torch.log1p(-torch.rand(m, dtype=torch.float64, generator=generator))  # Exp(1)
+            u = torch.rand(m, dtype=torch.float64, device="cpu", generator=generator)
+            expo = -torch.log1p(-torch.rand(m, dtype=torch.float64, device="cpu", generator=generator))  # Exp(1)
             in_cell = piece < self.CELLS
             cell = piece.clamp(max=self.CELLS - 1)
             right = piece == self.CELLS + 1
@@ -124,9 +124,9 @@ class DoubleWellEnergy(Energy):
             x = torch.where(in_cell, x_cell, x_tail)
             env = torch.where(in_cell, self._cell_env[cell],
                               torch.where(right, self._tail_env[1], self._tail_env[0]) + slope * (x - start))
-            accept = torch.rand(m, dtype=torch.float64, generator=generator) < torch.exp(-(self.e1(x) - env))
+            accept = torch.rand(m, dtype=torch.float64, device="cpu", generator=generator) < torch.exp(-(self.e1(x) - env))
             x1 = torch.cat([x1, x[accept]])
-        rest = torch.randn(n, self.dim - 1, dtype=torch.float64, generator=generator)
+        rest = torch.randn(n, self.dim - 1, dtype=torch.float64, device="cpu", generator=generator)
         return torch.cat([x1[:n, None], rest], dim=1)
 
     def mode_of(self, x: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ class QuadraticEnergy(Energy):
             raise ValueError(f"reward.energy.mean must be a [D] list, got shape {tuple(self.mean.shape)}")
         d = self.dim = self.mean.shape[0]
         p = torch.as_tensor(precision, dtype=torch.float64)
-        p = p * torch.eye(d, dtype=torch.float64) if p.dim() == 0 else torch.diag(p) if p.dim() == 1 else p
+        p = p * torch.eye(d, dtype=torch.float64, device="cpu") if p.dim() == 0 else torch.diag(p) if p.dim() == 1 else p
         if p.shape != (d, d):
             raise ValueError(f"reward.energy.precision must be a scalar, a [{d}] diagonal or a [{d}, {d}] matrix "
                              f"(D = len(mean) = {d}), got shape {tuple(p.shape)}")
@@ -53,5 +53,5 @@ class QuadraticEnergy(Energy):
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``m + L^-T z`` with ``P = L L^T``, ``z ~ N(0, I)``: covariance ``L^-T L^-1 = P^-1``."""
-        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        z = torch.randn(n, self.dim, dtype=torch.float64, device="cpu", generator=generator)
         return self.mean + torch.linalg.solve_triangular(self._chol.T, z.T, upper=True).T

@@ -57,9 +57,9 @@ class GMMEnergy(Energy):
                              f"got {n_modes}")
         if not distance > 0:
             raise ValueError(f"reward.energy.distance must be > 0, got {distance}")
-        means = torch.zeros(n_modes, dim, dtype=torch.float64)
+        means = torch.zeros(n_modes, dim, dtype=torch.float64, device="cpu")
         means[torch.arange(n_modes), torch.arange(n_modes)] = distance / math.sqrt(2)
-        weights = torch.arange(1, n_modes + 1, dtype=torch.float64)
+        weights = torch.arange(1, n_modes + 1, dtype=torch.float64, device="cpu")
         return cls(means, weights, var=var, log_z=log_z)
 
     def _energy(self, x: Tensor) -> Tensor:

@@ -2,6 +2,8 @@
 paper's thermodynamic view, docs/tilting.md §4.3)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from iif.distributed import world
@@ -64,6 +66,6 @@ class CMCD(VarGrad):
             # 4. step
             norms.append(self.trainer.step())
             losses.append(ell_all.var().item())
-            gaps.append((torch.logsumexp(-ell_all, 0) - torch.log(torch.tensor(float(b))) + ell_all.mean()).item())
+            gaps.append(torch.logsumexp(-ell_all, 0).item() - math.log(b) + ell_all.mean().item())
         n = len(losses)
         return {"loss": sum(losses) / n, "kl_gap": sum(gaps) / n, "grad_norm": sum(norms) / n, "lr": self.trainer.lr}

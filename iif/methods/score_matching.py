@@ -2,6 +2,8 @@
 paper's score-matching view of tilting; docs/tilting.md §3)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from iif.methods.base import FineTuned
@@ -74,7 +76,7 @@ class ScoreMatching(FineTuned):
         # 4. regression on the score target
         losses = [self.trainer_step() for _ in range(self.grad_steps)]
         return {"loss": sum(losses) / len(losses), "ess_frac": (1.0 / (p ** 2).sum() / len(p)).item(),
-                "log_z_jarzynski": (torch.logsumexp(w, 0) - torch.log(torch.tensor(float(len(w))))).item(),
+                "log_z_jarzynski": torch.logsumexp(w, 0).item() - math.log(len(w)),
                 "work_mean": w.mean().item(), "batch_reward_mean": (log_r * self.reward.temperature).mean().item(),
                 "buffer_size": len(self.buffer), "lr": self.trainer.lr}
 

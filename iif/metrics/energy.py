@@ -55,8 +55,10 @@ class EnergyEvaluator(Evaluator):
         if reward.temperature != 1.0:
             raise ValueError(f"evaluation 'energy' scores against exp(-E)/Z, the tilt at reward.temperature=1; got "
                              f"{reward.temperature}")
-        if n_samples < 2 or n_energy < 2 or n_reverse < 0 or n_reverse == 1:
-            raise ValueError("evaluation needs at least 2 samples (n_samples, n_energy; n_reverse 0 or >= 2)")
+        if n_samples < 2 or n_energy < 2:
+            raise ValueError("evaluation needs at least 2 samples")
+        if n_reverse < 0 or n_reverse == 1:
+            raise ValueError(f"evaluation.n_reverse must be 0 (forward works only) or >= 2, got {n_reverse}")
         self.energy, self.reward, self.base = energy, reward, base
         self.n_samples, self.n_reverse, self.n_energy = n_samples, n_reverse, n_energy
         self.seed, self.n_plot = seed, n_plot

@@ -25,7 +25,7 @@ Tensor = torch.Tensor
 
 def _works(w: Tensor, name: str) -> Tensor:
     """``w`` as a float64 CPU ``[n]`` tensor, ``n >= 2``, finite; else a ValueError naming ``name``."""
-    w = torch.as_tensor(w).detach().double().cpu()
+    w = (w if isinstance(w, Tensor) else torch.as_tensor(w, device="cpu")).detach().double().cpu()
     if w.dim() != 1 or w.shape[0] < 2:
         raise ValueError(f"{name} must have shape [n] with n >= 2, got {tuple(w.shape)}")
     bad = ~torch.isfinite(w)

@@ -64,8 +64,10 @@ class ToyEvaluator(Evaluator):
 
     def __init__(self, base, reward, sampler=None, n_samples: int = 10_000, n_energy: int = 2048, seed: int = 12345,
                  n_plot: int = 4000, n_reverse: int = 2048):
-        if n_samples < 2 or n_energy < 2 or n_reverse < 0 or n_reverse == 1:
-            raise ValueError("evaluation needs at least 2 samples (n_samples, n_energy; n_reverse 0 or >= 2)")
+        if n_samples < 2 or n_energy < 2:
+            raise ValueError("evaluation needs at least 2 samples")
+        if n_reverse < 0 or n_reverse == 1:
+            raise ValueError(f"evaluation.n_reverse must be 0 (forward works only) or >= 2, got {n_reverse}")
         self.n_samples, self.n_energy, self.seed, self.n_plot = n_samples, n_energy, seed, n_plot
         self.n_reverse = n_reverse
         self.prior, self.reward = base.prior, reward

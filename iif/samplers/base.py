@@ -99,18 +99,17 @@ def stl_step(shift: Tensor, delta_bar: Tensor, sigma: float) -> Tensor:
     return ((s * s).sum(1) - ((s - d) ** 2).sum(1)) / (2 * sigma ** 2)
 
 
-def gaussian_log_prob(x: Tensor, mean: Tensor, std: float | Tensor) -> Tensor:
+def gaussian_log_prob(x: Tensor, mean: Tensor, std: float) -> Tensor:
     """``log N(x; mean, std^2 I)`` summed over all but the first dimension: ``[B]`` float64."""
     d = x[0].numel()
     r = (x - mean).flatten(1).to(torch.float64)
-    std = torch.as_tensor(std, dtype=torch.float64)
-    return -0.5 * (r * r).sum(1) / std ** 2 - d * torch.log(std) - 0.5 * d * math.log(2 * math.pi)
+    return -0.5 * (r * r).sum(1) / std ** 2 - d * math.log(std) - 0.5 * d * math.log(2 * math.pi)
 
 
 def noising_coefficients(path, t: float, s: float) -> tuple[float, float]:
     """The base path's noising kernel ``q(x_t | x_s) = N(a x_s, v I)`` between times ``s < t``: ``a = alpha_t /
     alpha_s``, ``v = sigma_t^2 - a^2 sigma_s^2`` (the path's own transition, whatever sampler runs on it)."""
-    ts = torch.tensor([t, s], dtype=torch.float64)
+    ts = torch.tensor([t, s], dtype=torch.float64, device="cpu")
     alpha, sigma = path.alpha(ts), path.sigma(ts)
     a = float(alpha[0] / alpha[1])
     return a, float(sigma[0] ** 2 - a ** 2 * sigma[1] ** 2)
