@@ -159,7 +159,7 @@ def test_e6_optimal_control_nearly_constant_works():
     rep = log_z_report(wf, wr, log_z_exact=LOG_Z)
     assert abs(rep.kl_gap) < 0.01  # ~1e-3 here; the sign is within noise at n = 2e4
     assert abs(rep.log_z_bar - LOG_Z) < 0.01
-    assert rep.ess_frac > 0.95
+    assert rep.work_ess_frac > 0.95
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ def test_gaussian_works_estimators_and_sandwich():
     rep = log_z_report(wf, wr, log_z_exact=log_z)
     assert rep.sandwich_ok and rep.work_forward_mean < log_z < rep.work_reverse_mean
     assert abs(rep.kl_gap - s * s / 2) < 0.02 and abs(rep.kl_gap_reverse - s * s / 2) < 0.02
-    assert abs(rep.ess_frac - math.exp(-s * s)) < 0.02  # ESS/n -> E[w]^2 / E[w^2] = exp(-s^2) for lognormal w
+    assert abs(rep.work_ess_frac - math.exp(-s * s)) < 0.02  # ESS/n -> E[w]^2 / E[w^2] = exp(-s^2) for lognormal w
 
 
 @pytest.mark.parametrize("s,n,m,seed", [(0.05, 500, 700, 0), (0.5, 2000, 300, 1), (2.0, 1000, 1000, 2),
@@ -227,7 +227,7 @@ def test_bar_degenerate_and_nonconvergence():
     assert jarzynski(c) == pytest.approx(1.7, abs=1e-12) and crooks(c) == pytest.approx(1.7, abs=1e-12)
     assert bar(c, c[:4]) == pytest.approx(1.7, abs=1e-12)
     rep = log_z_report(c, c)
-    assert rep.kl_gap == pytest.approx(0, abs=1e-12) and rep.ess_frac == pytest.approx(1.0) and rep.sandwich_ok
+    assert rep.kl_gap == pytest.approx(0, abs=1e-12) and rep.work_ess_frac == pytest.approx(1.0) and rep.sandwich_ok
     wf, wr = gaussian_works(0.0, 3.0, 1000, 1000, seed=6)
     with pytest.raises(RuntimeError, match="max_iter=1"):
         bar(wf, wr, max_iter=1)
@@ -254,7 +254,7 @@ def test_report_without_reverse_and_metrics():
     assert rep.log_z_crooks is None and rep.log_z_bar is None and rep.sandwich_ok is None
     assert rep.kl_gap == pytest.approx(rep.log_z_jarzynski - wf.mean().item())
     met = rep.as_metrics("val/")
-    assert set(met) == {"val/log_z_jarzynski", "val/work_forward_mean", "val/kl_gap", "val/ess_frac"}
+    assert set(met) == {"val/log_z_jarzynski", "val/work_forward_mean", "val/kl_gap", "val/work_ess_frac"}
     assert all(isinstance(v, float) for v in met.values())
 
 
@@ -263,7 +263,7 @@ def test_report_with_reverse_and_exact():
     rep = log_z_report(wf, wr, log_z_exact=0.7)
     met = rep.as_metrics()
     assert {"log_z_jarzynski", "log_z_crooks", "log_z_bar", "log_z_error_jarzynski", "log_z_error_crooks",
-            "log_z_error_bar", "kl_gap", "kl_gap_reverse", "ess_frac", "work_forward_mean", "work_reverse_mean",
+            "log_z_error_bar", "kl_gap", "kl_gap_reverse", "work_ess_frac", "work_forward_mean", "work_reverse_mean",
             "sandwich_ok", "log_z_exact"} == set(met)
     assert met["sandwich_ok"] == 1.0
     assert met["log_z_error_bar"] == pytest.approx(met["log_z_bar"] - 0.7)

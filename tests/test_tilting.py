@@ -248,7 +248,7 @@ SIZES = {"csm": ["method.n_samples=1024", "method.n_keep=512", "method.grad_step
          "as": ["method.n_samples=256", "method.grad_steps=60", "method.batch_size=512"],
          "iif": ["method.n_samples=1024", "method.grad_steps=60", "method.batch_size=512", "buffer.prefill=1024",
                  "method.score_target._target_=iif.score_targets.Mixed"],
-         "cmcd": ["method.batch_size=256", "method.grad_steps=10"],
+         "cmcd": ["method.batch_size=128", "method.grad_steps=10"],
          "nets": ["method.batch_size=128", "method.grad_steps=10", "method.loss_steps=8"]}
 
 

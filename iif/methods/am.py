@@ -118,13 +118,12 @@ class AdjointMatching(FineTuned):
         return out
 
     @staticmethod
-    def adjoint_growth(a: Tensor) -> tuple[float, float]:
-        """The lean adjoint's growth along each path, ``sup_k |a_k| / |a_0|`` (docs/tilting.md §5: bounded by 1 /
-        alpha-type factors on log-concave bases, unbounded near a bimodal base's separatrix): its median and maximum
-        over the batch, from ``a [N+1, b, *shape]``."""
+    def adjoint_growth(a: Tensor) -> Tensor:
+        """The lean adjoint's growth along each path, ``sup_k |a_k| / |a_0|`` ``[b]`` from ``a [N+1, b, *shape]``
+        (docs/tilting.md §5: bounded by ``1/alpha``-type factors on log-concave bases, large near a bimodal base's
+        separatrix); logged as its median and maximum over the batch."""
         norms = a.flatten(2).norm(dim=2)  # [N+1, b]
-        ratio = (norms / norms[-1].clamp(min=1e-12)).amax(dim=0)
-        return ratio.median().item(), ratio.max().item()
+        return (norms / norms[-1].clamp(min=1e-12)).amax(dim=0)
 
     def _loss_network(self) -> contextlib.AbstractContextManager:
         """The base's CFG (``cfg_in_loss``) or its conditional network alone, for the adjoint and the control."""
@@ -155,11 +154,11 @@ class AdjointMatching(FineTuned):
             losses.append(loss.item())
             kept.append(frac)
             adj.append(a[0].flatten(1).norm(dim=1).mean().item())
-            growth.append(self.adjoint_growth(a))
+            growth.append(world().gather(self.adjoint_growth(a), self.batch_size))  # every process's paths
         n = len(losses)
-        logged = world().mean({"loss": sum(losses) / n, "kept_frac": sum(kept) / n, "adjoint_norm_t1": sum(adj) / n,
-                               "adjoint_growth_median": sum(g[0] for g in growth) / n,
-                               "adjoint_growth_max": max(g[1] for g in growth)})
+        logged = world().mean({"loss": sum(losses) / n, "kept_frac": sum(kept) / n, "adjoint_norm_t1": sum(adj) / n})
+        logged["adjoint_growth_median"] = sum(g.median().item() for g in growth) / n
+        logged["adjoint_growth_max"] = max(g.max().item() for g in growth)
         return {**logged, "grad_norm": sum(norms) / n, "lr": self.trainer.lr,
                 "clip_threshold": self.clip_threshold if self.clip_threshold is not None else float("nan")}
 

@@ -68,4 +68,4 @@ class CMCD(VarGrad):
             losses.append(ell_all.var().item())
             gaps.append(torch.logsumexp(-ell_all, 0).item() - math.log(b) + ell_all.mean().item())
         n = len(losses)
-        return {"loss": sum(losses) / n, "kl_gap": sum(gaps) / n, "grad_norm": sum(norms) / n, "lr": self.trainer.lr}
+        return {"loss": sum(losses) / n, "batch_kl_gap": sum(gaps) / n, "grad_norm": sum(norms) / n, "lr": self.trainer.lr}

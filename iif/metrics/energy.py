@@ -6,7 +6,7 @@ density ``exp(-E) / Z`` of the run's energy (``iif.rewards.energy``), and log Z 
 * ``mode_tv``: total variation between the samples' and the target's masses per mode (energies with modes).
 * ``log_z_jarzynski``, ``log_z_crooks``, ``log_z_bar`` and their signed errors ``log_z_error_*`` against the
   energy's exact (or reference) ``log Z``; ``work_forward_mean <= log Z <= work_reverse_mean`` (``sandwich_ok``);
-  ``kl_gap = log Z_hat - work_forward_mean`` (the path KL of the method to the target path law); ``ess_frac`` of
+  ``kl_gap = log Z_hat - work_forward_mean`` (the path KL of the method to the target path law); ``work_ess_frac`` of
   the forward works (``iif.metrics.works``, ``iif.metrics.log_z``).
 * ``sc_loss``, ``kl_path``, ``sample_nfe``: as the toy's.
 """

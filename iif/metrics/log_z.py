@@ -152,7 +152,7 @@ class LogZReport:
         kl_gap: ``log Z_hat - mean W_F``, an estimate of ``KL(P^u || P*)`` (``log Z_hat`` = BAR where available,
             else Jarzynski).
         kl_gap_reverse: ``mean W_R - log Z_hat``, an estimate of ``KL(P* || P^u)``.
-        ess_frac: :func:`ess_frac` of the forward works (the importance weights of the sampler's paths to ``P*``).
+        work_ess_frac: :func:`ess_frac` of the forward works (the importance weights of the sampler's paths to ``P*``).
         log_z_exact: the true ``log Z`` when given.
         log_z_error_jarzynski, log_z_error_crooks, log_z_error_bar: signed errors ``estimate - log_z_exact``.
     """
@@ -160,7 +160,7 @@ class LogZReport:
     log_z_jarzynski: float
     work_forward_mean: float
     kl_gap: float
-    ess_frac: float
+    work_ess_frac: float
     log_z_crooks: float | None = None
     log_z_bar: float | None = None
     work_reverse_mean: float | None = None
@@ -183,7 +183,7 @@ def log_z_report(w_forward: Tensor, w_reverse: Tensor | None = None,
     Jarzynski; ``kl_gap = log Z_hat - mean W_F``; ``sandwich_ok = mean W_F <= log Z_hat <= mean W_R``."""
     wf = _works(w_forward, "w_forward")
     rep = LogZReport(log_z_jarzynski=jarzynski(wf), work_forward_mean=wf.mean().item(), kl_gap=math.nan,
-                     ess_frac=ess_frac(wf))
+                     work_ess_frac=ess_frac(wf))
     log_z = rep.log_z_jarzynski
     if w_reverse is not None:
         wr = _works(w_reverse, "w_reverse")

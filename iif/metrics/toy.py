@@ -7,7 +7,7 @@ figure (key names are used by other tools: keep them).
 * ``reward_mean``: mean raw reward ``E[r(x_0)]``.
 * ``top_mode_frac``: fraction of samples at the prior mode of highest reward (the target's share is printed as
   ``top_mode_frac`` of the exact samples in the tests; reward-only fine-tuning drives it towards 1).
-* ``log_z_jarzynski``, ``log_z_crooks``, ``log_z_bar``, ``log_z_error_*``, ``kl_gap``, ``ess_frac``,
+* ``log_z_jarzynski``, ``log_z_crooks``, ``log_z_bar``, ``log_z_error_*``, ``kl_gap``, ``work_ess_frac``,
   ``work_forward_mean``, ``work_reverse_mean``, ``sandwich_ok``: log Z of the tilt from the method's path works and
   from ``n_reverse`` exact target paths, against the exact value (``iif.metrics.works``, ``iif.metrics.log_z``);
   absent for samplers without a path density.
