@@ -41,7 +41,7 @@ class Trajectory:
         stl_log_ratio: ``[B]`` float64 ``log dP^h/dP^0`` with the sticking-the-landing graph
             (``Sampler.rsample(stl=True)``), else None.
         log_backward: ``[B]`` float64 ``log q(x_{1:N} | x_0) - log P^0(x_{0:N})``, the log-ratio of the base path's
-            noising chain started at ``x_0`` to the base chain (:meth:`Sampler.log_noising`,
+            noising chain started at ``x_0`` to the base chain (:meth:`Sampler.noising_path`,
             :meth:`Sampler.path_log_prob`), accumulated during sampling; with it the path weight
             ``log p_data(x_0) + r/lambda + log_rnd + log_backward`` is unbiased for ``log Z`` of the data-space tilt
             (docs/tilting.md §4.4). None where a kernel is deterministic (no path density) or rows were gathered.
