@@ -29,6 +29,18 @@ def cli_env(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread, restored afterwards: elementwise work on many draws only synchronises threads (and
+    stalls on a busy CPU). A test module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def float64_default():
     """Run with float64 as torch's default dtype (the sampler's states follow it), restoring it afterwards."""
     import torch

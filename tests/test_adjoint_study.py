@@ -20,12 +20,7 @@ from tests.conftest import gaussian_ddpm_chain
 BETA_MIN, BETA_MAX = 0.1, 20.0
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _backward_euler(rate, steps: int) -> tuple[np.ndarray, np.ndarray]:

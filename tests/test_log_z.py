@@ -28,16 +28,7 @@ LOG_Z = 0.5 * D * math.log(2 * math.pi) - 0.5 * math.log(1.0 * 0.7 - 0.25 * 0.25
 N_PATHS = 100_000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: the path simulations are many small elementwise ops, which extra threads only slow down
-    (5x on a loaded 2-core machine)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def reward(x):

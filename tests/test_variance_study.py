@@ -22,13 +22,7 @@ S2P = 1 / (1 / S ** 2 + A)  # s'^2 = 4/3
 SPEC = OmegaConf.create({"d": D, "s": S, "m": 0.0, "a": A, "b": B, "adjoint_sampling": {"sigma": 2.0}})
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Elementwise work on 1e5 draws: intra-op threads only synchronise (and stall on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _paper_table(tp: float) -> dict[str, float]:

@@ -79,6 +79,7 @@ from iif.methods.am import AdjointMatching
 from iif.rewards.gmm import GMMReward
 from iif.samplers.ddpm import DDPMSampler
 from iif.schedules import RectifiedFlow, VPSchedule
+from iif.studies import json_safe
 
 Tensor = torch.Tensor
 F64 = torch.float64
@@ -792,17 +793,6 @@ def figure_bias(bias: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _plain(x):
-    """JSON-safe: NaN -> None, ±inf -> "inf"/"-inf", recursively."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
-
-
 def run(spec, scale: str, out_dir: Path) -> tuple[str, bool]:
     """Every part at ``scale``; writes ``out_dir/table.md`` (the report), ``adjoint.json`` (every number),
     ``adjoint_norms.png`` and ``value_bias.png``. Returns the report and whether every check passed."""
@@ -858,7 +848,7 @@ def run(spec, scale: str, out_dir: Path) -> tuple[str, bool]:
               f"{elapsed:.1f} s (paths {wall['paths']:.1f} s, value bias and B3 {wall['bias']:.1f} s, AM "
               f"{wall['am']:.1f} s).\n")
     (out_dir / "table.md").write_text(report)
-    (out_dir / "adjoint.json").write_text(json.dumps(_plain({
+    (out_dir / "adjoint.json").write_text(json.dumps(json_safe({
         "scale": scale, "params": p, "wall_s": elapsed, "passed": passed, "checks": lines, "runs": runs,
         "b3": b3_res, "value_bias": bias, "am_exactness": exact}), indent=1))
     figure_norms(runs, paths, b3_res, spec, out_dir / "adjoint_norms.png")

@@ -56,6 +56,7 @@ import torch
 
 from iif.schedules import RectifiedFlow
 from iif.score_targets import Conditional, Mixed, ScoreTarget, TargetScore
+from iif.studies import json_safe
 
 Tensor = torch.Tensor
 
@@ -592,17 +593,6 @@ def figure_vs_n(settings: dict[str, GaussianTilt], results: dict[str, dict], pat
     plt.close(fig)
 
 
-def _plain(x):
-    """JSON-safe: NaN -> None, ±inf -> "inf"/"-inf", recursively."""
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else ("inf" if x > 0 else "-inf")
-    return x
-
-
 def run(spec, scale: str, out_dir: Path) -> tuple[str, bool]:
     """Measure both settings at ``scale``; write ``out_dir/table.md`` (the report), ``variance.json`` (every number),
     ``variance_vs_t.png`` and ``variance_vs_n.png``. Returns the report and whether every check passed."""
@@ -637,7 +627,7 @@ def run(spec, scale: str, out_dir: Path) -> tuple[str, bool]:
               + "\n".join(line for _, line in checks)
               + f"\n\n{sum(ok for ok, _ in checks)}/{len(checks)} checks pass; computed in {wall:.1f} s.\n")
     (out_dir / "table.md").write_text(report)
-    (out_dir / "variance.json").write_text(json.dumps(_plain({
+    (out_dir / "variance.json").write_text(json.dumps(json_safe({
         "scale": scale, "params": p, "wall_s": wall, "passed": passed, "checks": [line for _, line in checks],
         "settings": {name: {"title": s.title, "path": repr(s.path), "tilt_mean": s.tilt_mean,
                             "tilt_var": s.tilt_var, "estimators": results[name]} for name, s in settings.items()}}),
