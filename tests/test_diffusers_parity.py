@@ -207,3 +207,36 @@ def test_flow_velocity_converts_to_the_noise_of_the_interpolation():
     base.pred = u
     step = k.base_mean(x, base.eps(x, k.times(2, torch.float64)))
     torch.testing.assert_close(step, x + (k.s - k.t) * u)
+
+
+def test_adjoint_matching_chain_equals_diffusers_with_its_betas():
+    """``sampler=ddim_am`` (adjoint matching's SD chain): DDIM, eta = 1, trailing, on betas 0.002..0.009 while the
+    network keeps its own schedule, ending at ``alphabar = (1 + alphabar_{t_1})/2``. Every step equals
+    ``DDIMScheduler(beta_start=0.002, beta_end=0.009, trailing).step`` with that ``final_alpha_cumprod``; the last
+    step is stochastic and guided, and its noising kernel is the VP transition ``1 - alphabar_{t_1}/alphabar_f``."""
+    n = 10
+    fine_tuning = DiscreteSchedule(T, beta_start=0.002, beta_end=0.009, beta_schedule="scaled_linear")
+    base = _Linear(_schedule("scaled_linear"))
+    sampler = DDIMSampler(n, eta=1.0, spacing="trailing", path=fine_tuning, final_alphabar="midpoint")
+    ref = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="scaled_linear", beta_start=0.002,
+                                  beta_end=0.009, clip_sample=False, timestep_spacing="trailing",
+                                  prediction_type="epsilon")
+    ref.set_timesteps(n)
+    abar_f = (1 + ref.alphas_cumprod[ref.timesteps[-1]]) / 2
+    ref.final_alpha_cumprod = abar_f
+    kernels = sampler.kernels(base)
+    assert [round(k.t * T) - 1 for k in kernels] == ref.timesteps.tolist()
+    g = torch.Generator().manual_seed(2)
+    for k, ts in zip(kernels, ref.timesteps):
+        x, z = torch.randn(3, *SHAPE, generator=g), torch.randn(3, *SHAPE, generator=g)
+        eps = base.eps(x, k.times(3))
+        theirs = ref.step(eps, ts, x, eta=1.0, variance_noise=z).prev_sample
+        torch.testing.assert_close(k.base_mean(x, eps) + k.std * z, theirs, rtol=1e-5, atol=1e-5)
+    assert all(k.std > 0 and k.guided for k in kernels)
+    a, v = kernels[-1].noising(sampler.path(base))
+    abar_1 = float(ref.alphas_cumprod[ref.timesteps[-1]])
+    assert v == pytest.approx(1 - abar_1 / float(abar_f), rel=1e-6) and a == pytest.approx((abar_1 / float(abar_f)) ** 0.5)
+    torch.manual_seed(0)
+    assert sampler.sample(base, _Tilt(), 2).log_backward is not None  # every step has a density
+    with pytest.raises(ValueError, match="training timesteps"):
+        DDIMSampler(n, path=DiscreteSchedule(500)).kernels(base)

@@ -249,3 +249,33 @@ def test_a_float32_full_copy_of_a_bfloat16_base_computes_in_float32():
     (h ** 2).sum().backward()
     grads = [p.grad for p in guidance.net.parameters() if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 for g in grads)
+
+
+def test_adjoint_matching_sd_setting_prompt_dropout_and_its_fine_tuning_chain():
+    """AM's SD setting: on ``sampler=ddim_am`` (betas 0.002..0.009, the last step stochastic) a dropped step's loss is
+    the loss of the same draws with every prompt replaced by the empty one (index -1), and differs from the kept
+    one; a toy base, which has no empty condition, refuses ``prompt_dropout`` in one line."""
+    comp = _tiny("method=am", *SIZES["am"], "sampler=ddim_am", "sampler.n_steps=4", "method.prompt_dropout=0.5")
+    method, base = comp.method, comp.base
+    assert all(k.std > 0 and k.guided for k in method.sampler.kernels(base))
+    with torch.no_grad():
+        for p in method.guidance.net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    torch.manual_seed(0)
+    traj = method.sampler.sample(base, method.guidance, 2, keep_states=True, cond=torch.tensor([0, 0]))
+    a = method.lean_adjoint(traj)
+    losses = {}
+    for seed in range(20):  # find a dropped and a kept draw (the draw follows the steps' keys)
+        torch.manual_seed(seed)
+        keys = torch.rand(2, 4)  # noqa: F841 (the loss draws these first)
+        dropped = float(torch.rand(())) < 0.5
+        torch.manual_seed(seed)
+        losses.setdefault(dropped, (seed, method.loss(traj, a)[0].item()))
+    (seed, value), (_, kept) = losses[True], losses[False]
+    method.prompt_dropout = 0.0
+    empty = type(traj)(**{**vars(traj), "cond": torch.full_like(traj.cond, -1)})
+    torch.manual_seed(seed)
+    assert value == pytest.approx(method.loss(empty, a)[0].item(), rel=1e-5) and value != pytest.approx(kept)
+    from iif.utils import ConfigError
+    with pytest.raises((ValueError, ConfigError), match="empty condition"):
+        build(compose(["experiment=toy2d", "method=am", "method.prompt_dropout=0.2", "debug=fast", "logger=none"])[0])

@@ -33,7 +33,8 @@ class BaseModel(nn.Module, abc.ABC):
 
     Attributes:
         provides: capabilities a method may require; ``"differentiable_base"``: :meth:`eps` is differentiable in ``x``
-            by autograd (methods may backpropagate through the chain or take vector-Jacobian products of it).
+            by autograd (methods may backpropagate through the chain or take vector-Jacobian products of it);
+            ``"null_condition"``: :meth:`null_condition` exists (an empty prompt: CFG's unconditional branch).
         evals_per_call: network evaluations per sample of one :meth:`eps` call.
         latent: whether samples are latents that :meth:`decode` maps to pixels (the run's reward is then applied to
             decoded samples: ``iif.rewards.decoded``).
@@ -96,6 +97,11 @@ class BaseModel(nn.Module, abc.ABC):
         guidance (for losses computed "with CFG in sampling only": adjoint matching's control and adjoint, IIF's
         conditional epsilon loss on Stable Diffusion). The identity for a base model without CFG."""
         return contextlib.nullcontext()
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        """``[B, ...]`` the empty condition in place of each of ``cond`` (adjoint matching's prompt dropout trains
+        the network on it); only bases that provide ``"null_condition"`` have one."""
+        raise ValueError(f"base model {type(self).__name__} has no empty condition (a text-to-image base has one)")
 
     def prepare(self) -> None:
         """Load or train whatever the model needs (called once, after the config was validated)."""

@@ -115,7 +115,7 @@ class TextToImageBase(BaseModel):
         adapter_host: the network a LoRA adapter is added to (the denoiser).
     """
 
-    provides = frozenset({"differentiable_base", "adapter_host"})
+    provides = frozenset({"differentiable_base", "adapter_host", "null_condition"})
     latent = True
     denoiser_name: ClassVar[str]
     lora_loader: ClassVar[str]
@@ -226,6 +226,10 @@ class TextToImageBase(BaseModel):
             for j, i in enumerate(missing):
                 self._embeddings[i] = {key: value[j].to(self.device) for key, value in encoded.items()}
         return {key: torch.stack([self._embeddings[i][key] for i in idx]) for key in self._embeddings[idx[0]]}
+
+    def null_condition(self, cond: Tensor) -> Tensor:
+        """The empty prompt (index -1) in place of every prompt of ``cond [B]``."""
+        return torch.full_like(cond, -1)
 
     # ------------------------------------------------------------------ the network
     def predict(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:

@@ -49,6 +49,10 @@ class AdjointMatching(FineTuned):
     the adjoint through the unguided base, the control as the difference of the unguided fine-tuned and base
     predictions); a base without CFG is unaffected.
 
+    ``prompt_dropout = p`` (AM's SD setting 0.2): with probability ``p`` per optimiser step, step 4 evaluates the
+    control at the empty condition (``base.null_condition``) instead of each trajectory's prompt, the trajectories
+    and adjoints unchanged, so the fine-tuned network's unconditional branch, which CFG sampling uses, is trained too.
+
     The DDPM chain with ``c_k^2 = beta_k`` on every step stands in for AM's memoryless schedule (at least the
     variance of DDIM with ``eta = 1``; docs/methods.md §7.4).
 
@@ -61,6 +65,7 @@ class AdjointMatching(FineTuned):
         target: ``post`` or ``pre``, the adjoint each step is regressed on (step 4).
         clip_quantile, clip_ema: per-term clipping threshold (quantile of the batch, EMA decay of the threshold).
         cfg_in_loss: evaluate the base (adjoint) and the control (loss) with the base's classifier-free guidance.
+        prompt_dropout: probability of the empty condition in step 4 (needs a base that provides one).
         optimizer, iterations, lr_final_factor, grad_clip, ema_decay: see ``iif.methods.optim.Trainer``.
     """
 
@@ -69,8 +74,8 @@ class AdjointMatching(FineTuned):
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 512,
                  grad_steps: int = 10, loss_steps: int = 20, target: str = "pre", clip_quantile: float = 0.9,
-                 clip_ema: float = 0.9, cfg_in_loss: bool = True, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
-                 grad_clip: float = 0.0, ema_decay: float = 0.0):
+                 clip_ema: float = 0.9, cfg_in_loss: bool = True, prompt_dropout: float = 0.0, optimizer=None,
+                 iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
         if min(batch_size, grad_steps, loss_steps) < 1:
             raise ValueError(f"method.batch_size, grad_steps and loss_steps must be >= 1, got {batch_size}, "
                              f"{grad_steps}, {loss_steps}")
@@ -81,6 +86,11 @@ class AdjointMatching(FineTuned):
         if not 0 < clip_quantile <= 1 or not 0 <= clip_ema < 1:
             raise ValueError(f"method.clip_quantile must lie in (0, 1] and clip_ema in [0, 1), got {clip_quantile}, "
                              f"{clip_ema}")
+        if not 0 <= prompt_dropout < 1:
+            raise ValueError(f"method.prompt_dropout must lie in [0, 1), got {prompt_dropout}")
+        if prompt_dropout > 0 and "null_condition" not in base.provides:
+            raise ValueError(f"method.prompt_dropout={prompt_dropout} needs a base model with an empty condition "
+                             f"(a text-to-image base); {type(base).__name__} has none: set it to 0")
         super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
                          ema_decay=ema_decay)
@@ -90,6 +100,7 @@ class AdjointMatching(FineTuned):
         self.clip_quantile, self.clip_ema = clip_quantile, clip_ema
         self.clip_threshold: float | None = None
         self.cfg_in_loss = bool(cfg_in_loss)
+        self.prompt_dropout = float(prompt_dropout)
         kernels = sampler.kernels(base)  # index i: the step x_{N-i} -> x_{N-i-1}
         self._t = torch.tensor([k.t for k in kernels], device=base.device)
         self._shift_coef = torch.tensor([k.shift_coef for k in kernels], device=base.device)
@@ -183,6 +194,9 @@ class AdjointMatching(FineTuned):
         i = idx.reshape(-1)
         shape = (-1,) + (1,) * (x.dim() - 2)
         cond = None if traj.cond is None else traj.cond.repeat_interleave(self.loss_steps, dim=0)
+        # prompt dropout: one draw per step from the run's shared stream, so every process drops alike
+        if self.prompt_dropout > 0 and cond is not None and float(torch.rand(())) < self.prompt_dropout:
+            cond = self.base.null_condition(cond)
         with self._loss_network():
             h = self.guidance(flat(x), self._t[i], flat(x0_hat), cond)
         delta = self._shift_coef[i].view(shape) * h

@@ -147,6 +147,12 @@ class Kernel(abc.ABC):
         """``[n]`` copies of ``t`` (the networks' time argument)."""
         return torch.full((n,), self.t, dtype=dtype, device=device)
 
+    def noising(self, path) -> tuple[float, float]:
+        """``(a, v)`` of the noising kernel ``q(x_t | x_s) = N(a x_s, v I)`` this step reverses: the path's own
+        transition between the step's times (:func:`noising_coefficients`); a kernel that knows its endpoints'
+        coefficients (DDIM's, which may end off the path) overrides it."""
+        return noising_coefficients(path, self.t, self.s)
+
 
 class Sampler(abc.ABC):
     """A chain of :class:`Kernel` s from ``x_N ~ N(0, I)`` to ``x_0``; subclasses implement :meth:`kernels`.
@@ -175,6 +181,11 @@ class Sampler(abc.ABC):
     @abc.abstractmethod
     def kernels(self, base) -> list[Kernel]:
         """The ``N`` kernels of the chain on ``base``'s path, the noisiest first."""
+
+    def path(self, base):
+        """The Gaussian path the chain discretises: the base's own (``base.schedule``) unless a sampler overrides
+        it (DDIM's ``path`` option)."""
+        return base.schedule
 
     @torch.no_grad()
     def sample(self, base, guidance, n: int, *, cond: Tensor | None = None, keep_states: bool = False,
@@ -212,10 +223,10 @@ class Sampler(abc.ABC):
         (:func:`noising_coefficients`). Returns the states ``[N+1, B, *shape]`` in sampling order ``x_N, ..., x_0``
         (like ``Trajectory.states``) and ``log q(x_{1:N} | x_0)`` ``[B]`` float64. Under the memoryless base this
         is the bridge ``P(. | x_0)``; with ``x_0 ~ p_tilt`` it draws the reverse paths of Crooks' estimator."""
-        kernels = self.kernels(base)
+        kernels, path = self.kernels(base), self.path(base)
         states, x, log_q = [x0], x0, torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device)
         for k in reversed(kernels):  # from the cleanest step up
-            a, v = noising_coefficients(base.schedule, k.t, k.s)
+            a, v = k.noising(path)
             x_next = a * x + math.sqrt(v) * torch.randn_like(x)
             log_q += gaussian_log_prob(x_next, a * x, math.sqrt(v))
             states.append(x_next)
@@ -264,7 +275,7 @@ class Sampler(abc.ABC):
         frozen = {name: p.detach() for name, p in guidance.named_parameters()} if stl else None
         keep = {"states": [x], "noises": [], "base_means": [], "x0_hats": []} if keep_states else None
         nfe_before = base.nfe
-        kernels = self.kernels(base)
+        kernels, path = self.kernels(base), self.path(base)
         # log q(x_{1:N} | x_0) - log P^0(x_{0:N}): defined when every kernel has a density
         log_backward = (-gaussian_log_prob(x.detach(), torch.zeros_like(x), 1.0)
                         if all(k.std > 0 for k in kernels) else None)
@@ -298,7 +309,7 @@ class Sampler(abc.ABC):
                     delta_bar = k.shift(torch.func.functional_call(guidance, frozen, (x_prev, t, x0_hat, cond)))
                     stl_log_ratio = stl_log_ratio + stl_step(x - mu0, delta_bar, k.std)
             if log_backward is not None:  # 6. noising-chain and base-kernel log-densities of the step
-                a, v = noising_coefficients(base.schedule, k.t, k.s)
+                a, v = k.noising(path)
                 log_backward += (gaussian_log_prob(x_start, a * x.detach(), math.sqrt(v))
                                  - gaussian_log_prob(x.detach(), mu0.detach(), k.std))
             if keep_states:
