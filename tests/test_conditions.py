@@ -86,3 +86,39 @@ def test_nn1_sees_the_scaled_reward_gradient_and_nn2_the_raw_one():
     torch.testing.assert_close(hs[0], 0.3 * grad.to(hs[0].dtype), rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="grad_feature_scale"):
         ConvRewardInformedGuidance(base, reward, grad_feature_scale=0.0)
+
+
+def test_label_and_prompt_features_are_one_hots_of_the_position_in_the_list():
+    """``ClassLabels``: the one-hot of the label's position in ``classes`` (not of the label itself); ``Prompts``: of
+    the prompt index; float32, ``feature_dim`` columns; ``Unconditional``: no features."""
+    from iif.conditions.base import Unconditional
+
+    classes = [7, 2, 5]
+    labels = ClassLabels(classes)
+    cond = torch.tensor([5, 7, 2, 2, 5])
+    f = labels.features(cond)
+    ref = torch.nn.functional.one_hot(torch.tensor([classes.index(int(c)) for c in cond]), len(classes))
+    assert f.dtype == torch.float32 and torch.equal(f, ref.float())
+    assert f.shape == (5, labels.feature_dim((1, 8, 8))) == (5, 3)
+    prompts = Prompts(["a", "b", "c", "d"])
+    idx = torch.tensor([3, 0, 0, 2])
+    f = prompts.features(idx)
+    assert f.dtype == torch.float32 and torch.equal(f, torch.nn.functional.one_hot(idx, 4).float())
+    assert f.shape[1] == prompts.feature_dim((4, 8, 8)) == 4
+    assert Unconditional().feature_dim((2,)) == 0 and Unconditional().features(None) is None
+
+
+def test_measurement_features_are_the_flattened_measurement():
+    """``features(y) = y.flatten(1)``, as wide as ``feature_dim`` says for the measurements of samples of that shape
+    (``A`` applied to an image of the shape, an odd size included: pooling drops the last row and column)."""
+    m = Measurements(factor=2)
+    for shape in [(1, 8, 8), (3, 8, 6), (1, 9, 9)]:
+        y = m.operator(torch.randn(2, *shape))
+        f = m.features(y)
+        assert f.dtype == torch.float32 and torch.equal(f, y.flatten(1))
+        assert f.shape == (2, m.feature_dim(shape))
+
+
+def test_a_label_outside_the_list_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"class label\(s\) \[4\] not in conditions.classes \[7, 2, 5\]"):
+        ClassLabels([7, 2, 5]).features(torch.tensor([2, 4, 7]))

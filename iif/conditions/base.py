@@ -21,6 +21,16 @@ class ConditionSource(abc.ABC):
     def bind(self, base, sampler) -> None:
         """Receive the run's base model and sampler (a source that simulates from the model, e.g. measurements)."""
 
+    def feature_dim(self, sample_shape: tuple[int, ...]) -> int:
+        """``F``, the width of :meth:`features` for samples of shape ``sample_shape`` (``(C, H, W)``, ``(d,)``);
+        0: the conditions carry no features (unconditional)."""
+        return 0
+
+    def features(self, cond: Tensor | None) -> Tensor | None:
+        """``[B, F]`` float32 features of a batch of conditions ``cond [B, ...]``, on ``cond``'s device, for a
+        network that takes the condition as a flat input (DPOK's value network); None when :meth:`feature_dim` is 0."""
+        return None
+
 
 class Unconditional(ConditionSource):
     """``none``: no condition (the toy problems)."""

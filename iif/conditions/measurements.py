@@ -34,6 +34,15 @@ class Measurements(ConditionSource):
         """``A x``: ``[B, C, H, W] -> [B, C, H/factor, W/factor]``."""
         return F.avg_pool2d(x, self.factor)
 
+    def feature_dim(self, sample_shape: tuple[int, ...]) -> int:
+        """``C (H // factor) (W // factor)`` for samples ``(C, H, W)``: the size of a measurement."""
+        c, h, w = sample_shape
+        return c * (h // self.factor) * (w // self.factor)
+
+    def features(self, cond: Tensor) -> Tensor:
+        """``[B, C (H/factor) (W/factor)]``: the flattened measurements ``y`` (float32, on ``cond``'s device)."""
+        return cond.flatten(1).float()
+
     def sample(self, n: int) -> Tensor:
         if self.sampler is None:
             raise RuntimeError("Measurements.bind(base, sampler) must be called before sampling (iif.build does)")

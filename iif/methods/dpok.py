@@ -10,6 +10,7 @@ from iif.buffers.fifo import FIFOBuffer
 from iif.methods.base import FineTuned
 from iif.methods.optim import Trainer
 from iif.nn import TimeMLP
+from iif.utils import RunError
 
 Tensor = torch.Tensor
 
@@ -33,15 +34,21 @@ class DPOK(FineTuned):
     uses ``mean (eps_theta - eps_pre)^2``, which drops that per-step factor and so weights the steps differently
     from the KL it stands for (with it, ``reward_weight == kl_weight`` would not target the tilt).
 
+    Departure from DPOK's value input: the value network sees the transition's condition ``c`` through
+    ``conditions.features`` (a one-hot of the class label or of the prompt, the flattened measurement; nothing when
+    unconditional), ``V_psi(x_k, c, t_k) = MLP([x_k, features(c), emb(t_k)])``. DPOK feeds the CLIP text embedding of
+    the prompt; for a fixed prompt list the one-hot is equivalent (the first layer learns one vector per prompt, and
+    the value is never evaluated on another prompt).
+
     Each outer iteration:
 
     1. draw ``n`` trajectories of the current policy ``p_theta(x_{k-1}|x_k) = N(mu^0_k + Delta_k, c_k^2)``
        without a graph and score ``r(x_0)``; store every transition ``(x_k, k, x_{k-1}, log p_old, r, C_k)`` in a
        FIFO of the most recent ``transitions`` ones, ``C_k = sum_{j<k} KL_j(x_j)`` the KL of the later steps of the
        same path;
-    2. ``value_steps`` steps of ``V_psi(x_k, t_k)`` on ``MSE(V_psi, G_k)``, ``G_k`` the return below;
+    2. ``value_steps`` steps of ``V_psi(x_k, c, t_k)`` on ``MSE(V_psi, G_k)``, ``G_k`` the return below;
     3. ``grad_steps`` policy steps, each on ``batch_size`` transitions drawn from the FIFO:
-       ``adv = G_k - V_psi(x_k, t_k)`` (no grad), ``ratio = clamp(exp(log p_theta - log p_old), 1-eps, 1+eps)``,
+       ``adv = G_k - V_psi(x_k, c, t_k)`` (no grad), ``ratio = clamp(exp(log p_theta - log p_old), 1-eps, 1+eps)``,
        ``loss = -alpha_R mean(adv * ratio) + beta_KL mean(||Delta_k||^2 / (2 c_k^2 D))``;
        differentiated: ``h_theta`` at the one sampled ``(x_k, t_k)`` per transition; everything else detached
        (memory ``O(batch)``, independent of the number of steps); with ``micro_batch_size`` the gradient of the
@@ -98,7 +105,8 @@ class DPOK(FineTuned):
         self.value_steps, self.value_batch_size = value_steps, value_batch_size
         self.shape = tuple(base.sample_shape)
         self.dim = math.prod(self.shape)
-        self.value = TimeMLP(self.dim, 1, hidden=value_hidden, layers=3)
+        self.cond_dim = self.conditions.feature_dim(self.shape)  # F: the width of the condition's features
+        self.value = TimeMLP(self.dim + self.cond_dim, 1, hidden=value_hidden, layers=3).to(base.device)
         self.value_trainer = Trainer(self.value, value_optimizer)
         self.transitions = FIFOBuffer(capacity=transitions, prefill=0)
         # per-step kernel coefficients indexed by k = N..1 (index 0 unused): time, variance, shift coefficient
@@ -146,12 +154,25 @@ class DPOK(FineTuned):
             return r
         return r - (self.kl_weight / self.reward_weight) * rows[:, 4 * self.dim + 3]
 
+    def _draw(self, n: int) -> tuple[Tensor, Tensor | None]:
+        """``n`` transitions and their conditions from the FIFO (held on the CPU), on the base's device."""
+        rows, cond = self.transitions.sample(n)
+        device = self.base.device
+        return rows.to(device), (None if cond is None else cond.to(device))
+
+    def value_of(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``V_psi(x, c, t)`` ``[B]`` of flat states ``x [B, D]`` at times ``t [B]`` under conditions ``cond [B, ...]``:
+        the network on ``[x, features(cond)]`` (``x`` alone when the conditions have no features)."""
+        if self.cond_dim:
+            x = torch.cat([x, self.conditions.features(cond).to(x)], dim=1)
+        return self.value(x, t).squeeze(-1)
+
     def policy_loss(self, rows: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Step 3's loss on packed transitions ``rows`` (conditions ``cond``), and the mean per-dimension KL."""
         x, x0_hat, mu0, x_prev, k, log_p_old, _ = self._unpack(rows)
         t, var, coef = self._t[k], self._var[k], self._coef[k]
         with torch.no_grad():
-            adv = self.returns(rows) - self.value(x, t).squeeze(-1)
+            adv = self.returns(rows) - self.value_of(x, t, cond)
         h = self.guidance(x.view(-1, *self.shape), t, x0_hat.view(-1, *self.shape), cond).flatten(1)
         delta = coef[:, None] * h
         log_p = gaussian_log_prob(x_prev, mu0 + delta, var.sqrt())
@@ -171,19 +192,18 @@ class DPOK(FineTuned):
             k = torch.arange(n_steps, 0, -1, device=cond.device).repeat_interleave(traj.x0.shape[0])
             cond = cond[self._controlled.to(cond.device)[k]]
         self.transitions.add(self._pack(traj, log_r), cond)
-        # 2. value network: V(x_k, t_k) ~ G_k
+        # 2. value network: V(x_k, c, t_k) ~ G_k
         v_losses = []
         for _ in range(self.value_steps):
-            rows = self.transitions.sample(self.value_batch_size)[0]
+            rows, cond = self._draw(self.value_batch_size)
             x, _, _, _, k, _, _ = self._unpack(rows)
-            loss = ((self.value(x, self._t[k]).squeeze(-1) - self.returns(rows)) ** 2).mean()
+            loss = ((self.value_of(x, self._t[k], cond) - self.returns(rows)) ** 2).mean()
             v_losses.append(loss.item())
             self.value_trainer.minimise(loss)
         # 3. policy steps on single transitions
         losses, kls = [], []
         for _ in range(self.grad_steps):
-            rows, cond = self.transitions.sample(self.batch_size)
-            cond = None if cond is None else cond.to(rows.device)
+            rows, cond = self._draw(self.batch_size)
             self.trainer.zero_grad()
             loss_sum = kl_sum = 0.0
             for chunk in range(0, self.batch_size, self.micro_batch_size):  # gradient accumulation
@@ -206,6 +226,11 @@ class DPOK(FineTuned):
                 "transitions": self.transitions.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        saved, own = state["value"]["module"].get("body.0.weight"), self.value.body[0].weight
+        if saved is not None and saved.shape != own.shape:
+            raise RunError(f"the checkpoint's value network takes {saved.shape[1]} inputs, this run's {own.shape[1]} "
+                           f"(state + {self.cond_dim} condition features + time embedding): a checkpoint of another "
+                           "condition set, or written before the value network saw the condition; start a new run")
         super().load_state_dict(state)
         self.value_trainer.load_state_dict(state["value"])
         self.transitions.load_state_dict(state["transitions"])
