@@ -55,6 +55,28 @@ class TimeMLP(nn.Module):
         return self.head(self.body(torch.cat([x, emb], dim=-1)))
 
 
+def divergence(c: Tensor, x: Tensor, exact_max: int = 16) -> Tensor:
+    """``div_x c [B]`` of a field ``c [B, *shape]`` computed from ``x`` (``requires_grad``), with a graph: exact for
+    ``dim <= exact_max`` (one autograd pass per coordinate), else Hutchinson's ``E[v^T (dc/dx) v]`` with one
+    Rademacher ``v``. Zero for a field that does not depend on anything differentiable."""
+    flat_c = c.flatten(1)
+    n, d = flat_c.shape
+    div = torch.zeros(n, dtype=c.dtype, device=c.device)
+    if not c.requires_grad:
+        return div
+
+    def vjp(out: Tensor) -> Tensor:
+        (g,) = torch.autograd.grad(out, x, create_graph=True, allow_unused=True)
+        return torch.zeros_like(x) if g is None else g
+
+    if d > exact_max:
+        v = torch.randint(0, 2, c.shape, device=c.device).to(c.dtype) * 2 - 1
+        return (vjp((c * v).sum()) * v).flatten(1).sum(1)
+    for i in range(d):
+        div = div + vjp(flat_c[:, i].sum()).flatten(1)[:, i]
+    return div
+
+
 @contextlib.contextmanager
 def keep_requires_grad(module: nn.Module):
     """Restore every parameter's ``requires_grad`` flag on exit."""

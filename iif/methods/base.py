@@ -60,6 +60,18 @@ class Method(abc.ABC):
         the endpoints of one diffusion path (best-of-K)."""
         return self.sampler.path_log_prob(self.base, self.guidance, states, cond)
 
+    @torch.no_grad()
+    def reverse_log_weights(self, x0: Tensor) -> Tensor | None:
+        """``log B(x_{1:N} | x_0) - log P(x_{0:N})`` ``[B]`` float64 of reverse paths drawn from the backward process
+        ``B`` started at given clean samples ``x0 [B, *shape]`` (exact target samples: Crooks' reverse works,
+        ``iif.metrics.works``). Here ``B`` is the base path's noising chain and ``P`` :meth:`path_log_prob`'s law;
+        None where the method has no path density."""
+        if any(k.std == 0 for k in self.sampler.kernels(self.base)):
+            return None
+        states, log_q = self.sampler.noising_path(self.base, x0)
+        log_p = self.path_log_prob(states)
+        return None if log_p is None else log_q.cpu() - log_p.cpu()
+
     def conditions_for(self, n: int, cond: Tensor | None = None) -> Tensor | None:
         """``cond`` on the base's device, or ``n`` conditions drawn from :attr:`conditions`."""
         cond = self.conditions.sample(n) if cond is None else cond

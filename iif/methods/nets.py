@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from iif.methods.base import FineTuned
-from iif.nn import TimeMLP
+from iif.nn import TimeMLP, divergence
 from iif.samplers.flow_sde import log_alpha_rate
 
 Tensor = torch.Tensor
@@ -103,7 +103,7 @@ class NETS(FineTuned):
             eps = self.base.eps(x, t, cond)
             s_base = (-eps / sigma).detach()
             c = g2 * self.guidance.control(x, t, self.base.x0_hat(x, t, eps), cond)
-            div = self.divergence(c, x)
+            div = divergence(c, x, self.exact_divergence_max)
             tt = t.detach().requires_grad_(True)
             (dF_dt,) = torch.autograd.grad(self.guidance.free_energy(tt).sum(), tt, create_graph=True)
         r = self.reward.log_tilt(x.detach(), cond).to(x.dtype)
@@ -111,26 +111,6 @@ class NETS(FineTuned):
         v = -f * x.detach() + 0.5 * g2 * s_base
         dot = lambda a, b: (a * b).flatten(1).sum(1)  # noqa: E731
         return r + dot(grad_r, v) + div + dot(s_base + grad_r, c) + dF_dt  # d_tau F = -dF/dt
-
-    def divergence(self, c: Tensor, x: Tensor) -> Tensor:
-        """``div_x c [B]`` with a graph: exact for ``dim <= exact_divergence_max``, else Hutchinson's
-        ``E[v^T (dc/dx) v]`` with one Rademacher ``v``."""
-        flat_c = c.flatten(1)
-        n, d = flat_c.shape
-        div = torch.zeros(n, dtype=c.dtype, device=c.device)
-        if not c.requires_grad:  # a correction that does not depend on x (or on anything trainable)
-            return div
-
-        def vjp(out: Tensor) -> Tensor:
-            (g,) = torch.autograd.grad(out, x, create_graph=True, allow_unused=True)
-            return torch.zeros_like(x) if g is None else g
-
-        if d > self.exact_divergence_max:
-            v = torch.randint(0, 2, c.shape, device=c.device).to(c.dtype) * 2 - 1
-            return (vjp((c * v).sum()) * v).flatten(1).sum(1)
-        for i in range(d):
-            div = div + vjp(flat_c[:, i].sum()).flatten(1)[:, i]
-        return div
 
     def fit_step(self, iteration: int) -> dict[str, float]:
         losses, norms = [], []

@@ -32,13 +32,9 @@ def forward_works(traj: Trajectory, log_gamma: Callable[[Tensor], Tensor]) -> Te
 
 @torch.no_grad()
 def reverse_works(method, x0: Tensor, log_gamma: Callable[[Tensor], Tensor]) -> Tensor | None:
-    """``W_R = log gamma(x_0) + log q(x_{1:N} | x_0) - log P^h(x_{0:N})`` ``[B]`` float64 for exact target samples
-    ``x0 [B, *shape]``, their paths drawn from the noising chain; None where the method has no path density."""
-    if any(k.std == 0 for k in method.sampler.kernels(method.base)):
-        return None
+    """``W_R = log gamma(x_0) + log B(x_{1:N} | x_0) - log P^h(x_{0:N})`` ``[B]`` float64 for exact target samples
+    ``x0 [B, *shape]``, their paths drawn from the method's backward process (the noising chain for the diffusion
+    methods: ``Method.reverse_log_weights``); None where the method has no path density."""
     x0 = x0.to(method.base.device, torch.float32)
-    states, log_q = method.sampler.noising_path(method.base, x0)
-    log_p = method.path_log_prob(states)
-    if log_p is None:
-        return None
-    return log_gamma(x0).to(torch.float64).cpu() + log_q.cpu() - log_p.cpu()
+    log_w = method.reverse_log_weights(x0)
+    return None if log_w is None else log_gamma(x0).to(torch.float64).cpu() + log_w.cpu()
