@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from typing import ClassVar
 
 import torch
@@ -130,6 +131,12 @@ class BaseModel(nn.Module, abc.ABC):
     def prior_sample(self, n: int) -> Tensor:
         """``x_T ~ N(0, I)``: ``[n, *shape]`` on :attr:`device` (that device's global torch RNG)."""
         return torch.randn(n, *self.sample_shape, device=self.device)
+
+    def prior_log_prob(self, x: Tensor) -> Tensor:
+        """``log N(x_T; 0, I)`` ``[B]`` float64: the start of every path density (:meth:`prior_sample`'s law)."""
+        d = x[0].numel()
+        r = x.flatten(1).to(torch.float64)
+        return -0.5 * (r * r).sum(1) - 0.5 * d * math.log(2 * math.pi)
 
     def decode(self, x: Tensor) -> Tensor:
         """Samples as rewards and figures see them (pixels): the identity unless the model is a latent model."""

@@ -78,6 +78,9 @@ class NETS(FineTuned):
         if min(batch_size, loss_steps, grad_steps) < 1:
             raise ValueError(f"method.batch_size, loss_steps and grad_steps must be >= 1, got {batch_size}, "
                              f"{loss_steps}, {grad_steps}")
+        if base.schedule.point_start:
+            raise ValueError("method 'nets' needs the base's probability-flow velocity, infinite at the point start of "
+                             f"{base.schedule!r}; use method=nets_annealing (path (B)) on that base")
         drift = NETSDrift(guidance, reward, free_energy_hidden).to(base.device)
         super().__init__(base, reward, sampler, drift, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,

@@ -228,7 +228,8 @@ class Sampler(abc.ABC):
         for k in reversed(kernels):  # from the cleanest step up
             a, v = k.noising(path)
             x_next = a * x + math.sqrt(v) * torch.randn_like(x)
-            log_q += gaussian_log_prob(x_next, a * x, math.sqrt(v))
+            if v > 0:  # (v == 0: the step into a point start, deterministic like the start of every path)
+                log_q += gaussian_log_prob(x_next, a * x, math.sqrt(v))
             states.append(x_next)
             x = x_next
         return torch.stack(states[::-1]), log_q
@@ -236,14 +237,14 @@ class Sampler(abc.ABC):
     @torch.no_grad()
     def path_log_prob(self, base, guidance, states: Tensor, cond: Tensor | None = None) -> Tensor:
         """``log P^h(x_{0:N})`` ``[B]`` float64 of given paths ``states [N+1, B, *shape]`` (``x_N, ..., x_0``):
-        ``log N(x_N; 0, I) + sum_k log N(x_s; mu^0(x_t) + Delta(x_t), c^2 I)``, one base (and guidance) evaluation
+        ``log p_N(x_N) + sum_k log N(x_s; mu^0(x_t) + Delta(x_t), c^2 I)`` (``p_N``: ``base.prior_log_prob``), one base (and guidance) evaluation
         per step. Every kernel must be stochastic."""
         kernels = self.kernels(base)
         if any(k.std == 0 for k in kernels):
             raise ValueError("the path density needs every kernel to be stochastic (a deterministic step has none)")
         if states.shape[0] != len(kernels) + 1:
             raise ValueError(f"expected {len(kernels) + 1} states x_N..x_0, got {states.shape[0]}")
-        out = gaussian_log_prob(states[0], torch.zeros_like(states[0]), 1.0)
+        out = base.prior_log_prob(states[0])
         for i, k in enumerate(kernels):
             x = states[i]
             t = k.times(x.shape[0], x.dtype, x.device)
@@ -277,8 +278,7 @@ class Sampler(abc.ABC):
         nfe_before = base.nfe
         kernels, path = self.kernels(base), self.path(base)
         # log q(x_{1:N} | x_0) - log P^0(x_{0:N}): defined when every kernel has a density
-        log_backward = (-gaussian_log_prob(x.detach(), torch.zeros_like(x), 1.0)
-                        if all(k.std > 0 for k in kernels) else None)
+        log_backward = -base.prior_log_prob(x.detach()) if all(k.std > 0 for k in kernels) else None
         bar = tqdm(kernels, desc="sampling", leave=False, disable=not (progress and progress_enabled()))
         for k in bar:
             x_start = x.detach()
@@ -310,8 +310,8 @@ class Sampler(abc.ABC):
                     stl_log_ratio = stl_log_ratio + stl_step(x - mu0, delta_bar, k.std)
             if log_backward is not None:  # 6. noising-chain and base-kernel log-densities of the step
                 a, v = k.noising(path)
-                log_backward += (gaussian_log_prob(x_start, a * x.detach(), math.sqrt(v))
-                                 - gaussian_log_prob(x.detach(), mu0.detach(), k.std))
+                log_q = gaussian_log_prob(x_start, a * x.detach(), math.sqrt(v)) if v > 0 else 0.0  # point start
+                log_backward += log_q - gaussian_log_prob(x.detach(), mu0.detach(), k.std)
             if keep_states:
                 keep["states"].append(x.detach())
         stacked = {k: torch.stack(v) for k, v in keep.items()} if keep_states else {}

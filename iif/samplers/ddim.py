@@ -93,6 +93,8 @@ class DDIMSampler(Sampler):
 
     def kernels(self, base) -> list[DDIMKernel]:
         path = self.path(base)
+        if path.point_start:
+            raise ValueError(f"sampler=ddim cannot start at the point start of {path!r}: use sampler=brownian")
         extra = {"steps_offset": self.steps_offset} if self.steps_offset else {}
         t = path.grid(self.n_steps, self.spacing, **extra)
         a, b = path.alpha(t), path.sigma(t)

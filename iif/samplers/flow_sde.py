@@ -105,6 +105,8 @@ class FlowSDESampler(Sampler):
     def kernels(self, base) -> list[FlowSDEKernel]:
         """The ``N`` steps ``t_k -> t_{k-1}``, ``k = N..1`` (float64 coefficients)."""
         path = base.schedule
+        if path.point_start:
+            raise ValueError(f"sampler=flow_sde cannot start at the point start of {path!r}: use sampler=brownian")
         extra = {"steps_offset": self.steps_offset} if self.steps_offset else {}
         grid = path.grid(self.n_steps, self.spacing, **extra)
         t, s = grid[1:], grid[:-1]

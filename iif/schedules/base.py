@@ -24,9 +24,12 @@ class GaussianPath(abc.ABC):
 
     Attributes:
         variance_preserving: ``alpha^2 + sigma^2 = 1`` (the DDPM sampler needs it).
+        point_start: ``alpha(1) = sigma(1) = 0``: the chain starts at the point 0 (the Brownian base,
+            ``sampler=brownian``), not at ``N(0, I)``.
     """
 
     variance_preserving: ClassVar[bool] = False
+    point_start: ClassVar[bool] = False
 
     @abc.abstractmethod
     def alpha(self, t: Tensor) -> Tensor:
