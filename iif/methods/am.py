@@ -42,7 +42,8 @@ class AdjointMatching(FineTuned):
 
        Terms whose ``sqrt`` exceeds an EMA of the batch's ``clip_quantile`` quantile are zeroed (AM's per-sample
        clipping; ``clip_quantile = 1`` disables it);
-    5. clip, step.
+    5. clip, step; with ``accumulate = m`` steps 1–4 run on ``m`` fresh batches and the step takes the mean of their
+       gradients (AM's SD setting: 25 batches of 5 trajectories).
 
     ``cfg_in_loss = False`` (AM's Stable Diffusion setting, "CFG in sampling only"): trajectories are drawn with the
     base's classifier-free guidance, while steps 3 and 4 use the conditional network alone (``base.conditional_only()``:
@@ -60,7 +61,8 @@ class AdjointMatching(FineTuned):
     reward are detached. Memory: ``O(N b D)`` for stored states and adjoints, activations for ``S`` steps only.
 
     Args:
-        batch_size: ``b`` trajectories per optimiser step; grad_steps: optimiser steps per outer iteration.
+        batch_size: ``b`` trajectories per batch; grad_steps: optimiser steps per outer iteration.
+        accumulate: batches per optimiser step (gradient accumulation).
         loss_steps: ``S``, steps per trajectory in the loss (at most the sampler's ``N``).
         target: ``post`` or ``pre``, the adjoint each step is regressed on (step 4).
         clip_quantile, clip_ema: per-term clipping threshold (quantile of the batch, EMA decay of the threshold).
@@ -73,12 +75,12 @@ class AdjointMatching(FineTuned):
     data_parallel = True  # each process regresses its rows; the clipping quantile is the whole batch's
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 512,
-                 grad_steps: int = 10, loss_steps: int = 20, target: str = "pre", clip_quantile: float = 0.9,
-                 clip_ema: float = 0.9, cfg_in_loss: bool = True, prompt_dropout: float = 0.0, optimizer=None,
-                 iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
-        if min(batch_size, grad_steps, loss_steps) < 1:
-            raise ValueError(f"method.batch_size, grad_steps and loss_steps must be >= 1, got {batch_size}, "
-                             f"{grad_steps}, {loss_steps}")
+                 grad_steps: int = 10, accumulate: int = 1, loss_steps: int = 20, target: str = "pre",
+                 clip_quantile: float = 0.9, clip_ema: float = 0.9, cfg_in_loss: bool = True,
+                 prompt_dropout: float = 0.0, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
+        if min(batch_size, grad_steps, loss_steps, accumulate) < 1:
+            raise ValueError(f"method.batch_size, grad_steps, loss_steps and accumulate must be >= 1, got "
+                             f"{batch_size}, {grad_steps}, {loss_steps}, {accumulate}")
         if loss_steps > sampler.n_steps:
             raise ValueError(f"method.loss_steps={loss_steps} exceeds the sampler's n_steps={sampler.n_steps}")
         if target not in TARGETS:
@@ -96,6 +98,7 @@ class AdjointMatching(FineTuned):
                          ema_decay=ema_decay)
         world().check_divisible("method.batch_size", batch_size)
         self.batch_size, self.grad_steps, self.loss_steps = batch_size, grad_steps, loss_steps
+        self.accumulate = int(accumulate)
         self.target = target
         self.clip_quantile, self.clip_ema = clip_quantile, clip_ema
         self.clip_threshold: float | None = None
@@ -152,25 +155,28 @@ class AdjointMatching(FineTuned):
         losses, kept, norms, adj, growth = [], [], [], [], []
         rows = world().shard(self.batch_size)
         for _ in range(self.grad_steps):
-            # 1. detached trajectories of the current model (this process's rows)
-            with self.trainer.sampling_weights():
-                traj = self.sampler.sample(self.base, self.guidance, self.batch_size, keep_states=True,
-                                           cond=self.conditions_for(self.batch_size), rows=rows)
-            # 2.-3. terminal reward gradient and the lean adjoint
-            a = self.lean_adjoint(traj)
-            # 4. regression at S steps per trajectory
-            loss, frac = self.loss(traj, a, rows)
+            self.trainer.zero_grad()
+            for _ in range(self.accumulate):  # AM's gradient accumulation: the mean gradient of several batches
+                # 1. detached trajectories of the current model (this process's rows)
+                with self.trainer.sampling_weights():
+                    traj = self.sampler.sample(self.base, self.guidance, self.batch_size, keep_states=True,
+                                               cond=self.conditions_for(self.batch_size), rows=rows)
+                # 2.-3. terminal reward gradient and the lean adjoint
+                a = self.lean_adjoint(traj)
+                # 4. regression at S steps per trajectory
+                loss, frac = self.loss(traj, a, rows)
+                (loss / self.accumulate).backward()
+                losses.append(loss.item())
+                kept.append(frac)
+                adj.append(a[0].flatten(1).norm(dim=1).mean().item())
+                growth.append(world().gather(self.adjoint_growth(a), self.batch_size))  # every process's paths
             # 5. step
-            norms.append(self.trainer.minimise(loss))
-            losses.append(loss.item())
-            kept.append(frac)
-            adj.append(a[0].flatten(1).norm(dim=1).mean().item())
-            growth.append(world().gather(self.adjoint_growth(a), self.batch_size))  # every process's paths
+            norms.append(self.trainer.step())
         n = len(losses)
         logged = world().mean({"loss": sum(losses) / n, "kept_frac": sum(kept) / n, "adjoint_norm_t1": sum(adj) / n})
         logged["adjoint_growth_median"] = sum(g.median().item() for g in growth) / n
         logged["adjoint_growth_max"] = max(g.max().item() for g in growth)
-        return {**logged, "grad_norm": sum(norms) / n, "lr": self.trainer.lr,
+        return {**logged, "grad_norm": sum(norms) / len(norms), "lr": self.trainer.lr,
                 "clip_threshold": self.clip_threshold if self.clip_threshold is not None else float("nan")}
 
     def loss(self, traj: Trajectory, a: Tensor, rows: slice | None = None) -> tuple[Tensor, float]:
