@@ -41,8 +41,9 @@ def run_cli(args: list[str], env: dict, check: bool = True) -> subprocess.Comple
 PROBLEM_GROUPS = ("base_model", "reward", "guidance", "conditions", "evaluation")
 HUB_KEYS = ("base_model.pretrained", "reward.pretrained", "evaluation.embedder.pretrained")
 TOY_VARIANTS = {("base_model", "gmm_exact"): [], ("reward", "gmm_blackbox"): ["guidance=mlp"], ("guidance", "mlp"): []}
-# methods that need another problem than the toy's (adjoint sampling: a Gaussian base; CMCD: log p_data)
-OWN_EXPERIMENT = {("method", "as"): "sample_gaussian", ("method", "cmcd"): "sample_gaussian"}
+# methods that need another problem than the toy's (adjoint sampling: a Gaussian base; CMCD and path (B): log p_data)
+OWN_EXPERIMENT = {("method", "as"): "sample_gaussian", ("method", "cmcd"): "sample_gaussian",
+                  ("method", "cmcd_annealing"): "sample_gaussian", ("method", "nets_annealing"): "sample_gaussian"}
 
 
 def experiment_choosing(group: str, option: str) -> str | None:
