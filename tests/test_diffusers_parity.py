@@ -235,7 +235,8 @@ def test_adjoint_matching_chain_equals_diffusers_with_its_betas():
     assert all(k.std > 0 and k.guided for k in kernels)
     a, v = kernels[-1].noising(sampler.path(base))
     abar_1 = float(ref.alphas_cumprod[ref.timesteps[-1]])
-    assert v == pytest.approx(1 - abar_1 / float(abar_f), rel=1e-6) and a == pytest.approx((abar_1 / float(abar_f)) ** 0.5)
+    assert v == pytest.approx(1 - abar_1 / float(abar_f), rel=1e-6)
+    assert a == pytest.approx((abar_1 / float(abar_f)) ** 0.5)
     torch.manual_seed(0)
     assert sampler.sample(base, _Tilt(), 2).log_backward is not None  # every step has a density
     with pytest.raises(ValueError, match="training timesteps"):

@@ -77,7 +77,8 @@ class AdjointMatching(FineTuned):
     def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 512,
                  grad_steps: int = 10, accumulate: int = 1, loss_steps: int = 20, target: str = "pre",
                  clip_quantile: float = 0.9, clip_ema: float = 0.9, cfg_in_loss: bool = True,
-                 prompt_dropout: float = 0.0, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
+                 prompt_dropout: float = 0.0, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
+                 grad_clip: float = 0.0, ema_decay: float = 0.0):
         if min(batch_size, grad_steps, loss_steps, accumulate) < 1:
             raise ValueError(f"method.batch_size, grad_steps, loss_steps and accumulate must be >= 1, got "
                              f"{batch_size}, {grad_steps}, {loss_steps}, {accumulate}")

@@ -237,8 +237,8 @@ class Sampler(abc.ABC):
     @torch.no_grad()
     def path_log_prob(self, base, guidance, states: Tensor, cond: Tensor | None = None) -> Tensor:
         """``log P^h(x_{0:N})`` ``[B]`` float64 of given paths ``states [N+1, B, *shape]`` (``x_N, ..., x_0``):
-        ``log p_N(x_N) + sum_k log N(x_s; mu^0(x_t) + Delta(x_t), c^2 I)`` (``p_N``: ``base.prior_log_prob``), one base (and guidance) evaluation
-        per step. Every kernel must be stochastic."""
+        ``log p_N(x_N) + sum_k log N(x_s; mu^0(x_t) + Delta(x_t), c^2 I)`` (``p_N``: ``base.prior_log_prob``), one
+        base (and guidance) evaluation per step. Every kernel must be stochastic."""
         kernels = self.kernels(base)
         if any(k.std == 0 for k in kernels):
             raise ValueError("the path density needs every kernel to be stochastic (a deterministic step has none)")
