@@ -95,16 +95,20 @@ class RewardAnnealing:
     def _times(self, k: int, x: Tensor) -> Tensor:
         return torch.full((x.shape[0],), self.s(k), dtype=x.dtype, device=x.device)
 
-    def step_log_ratio(self, base, reward, drift: Drift | None, x: Tensor, x_next: Tensor, k: int) -> Tensor:
-        """``log B_k(x | x_next) - log F_k(x_next | x)`` ``[B]`` (differentiable in the drift's parameters)."""
-        sk, sk1 = self.s(k), self.s(k + 1)
-        fwd = self.grad_log_gamma(base, reward, x, float(self.lam(sk)))
-        bwd = self.grad_log_gamma(base, reward, x_next, float(self.lam(sk1)))
-        if drift is not None:
-            fwd = fwd + drift(x, self._times(k, x))
-            bwd = bwd - drift(x_next, self._times(k + 1, x_next))
+    def fields(self, base, reward, drift: Drift | None, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """``(grad log gamma_k(x) + c(x, s_k), grad log gamma_k(x) - c(x, s_k))`` at state ``k``: the forward kernel
+        ``F_k`` leaving it and the backward kernel ``B_{k-1}`` arriving at it use the same gradient and drift, so each
+        state costs one reward gradient and one drift evaluation."""
+        grad = self.grad_log_gamma(base, reward, x, float(self.lam(self.s(k))))
+        if drift is None:
+            return grad, grad
+        c = drift(x, self._times(k, x))
+        return grad + c, grad - c
+
+    def _log_ratio(self, x: Tensor, x_next: Tensor, fwd: Tensor, bwd_next: Tensor) -> Tensor:
+        """``log B_k(x | x_next) - log F_k(x_next | x)`` ``[B]`` from the fields of both states."""
         var = 2 * self.delta
-        return _log_normal(x, x_next + self.delta * bwd, var) - _log_normal(x_next, x + self.delta * fwd, var)
+        return _log_normal(x, x_next + self.delta * bwd_next, var) - _log_normal(x_next, x + self.delta * fwd, var)
 
     def endpoints(self, base, reward, x0: Tensor, xK: Tensor) -> Tensor:
         """``log gamma_1(x_K) - log pi_0(x_0)`` ``[B]``."""
@@ -116,12 +120,12 @@ class RewardAnnealing:
         x = base.prior.to(base.device).sample(n).to(torch.float32)
         states = [x] if keep_states else None
         work = -base.data_log_prob(x)
+        fwd, _ = self.fields(base, reward, drift, x, 0)
         for k in range(self.n_steps):
-            mean = x + self.delta * (self.grad_log_gamma(base, reward, x, float(self.lam(self.s(k))))
-                                     + (0 if drift is None else drift(x, self._times(k, x))))
-            x_next = mean + math.sqrt(2 * self.delta) * torch.randn_like(x)
-            work += self.step_log_ratio(base, reward, drift, x, x_next, k)
-            x = x_next
+            x_next = x + self.delta * fwd + math.sqrt(2 * self.delta) * torch.randn_like(x)
+            fwd_next, bwd_next = self.fields(base, reward, drift, x_next, k + 1)
+            work += self._log_ratio(x, x_next, fwd, bwd_next)
+            x, fwd = x_next, fwd_next
             if keep_states:
                 states.append(x)
         work += self.log_gamma(base, reward, x, 1.0)
@@ -132,19 +136,22 @@ class RewardAnnealing:
         """The works ``A [n]`` of backward paths from ``x_K`` (exact target samples: Crooks' reverse works)."""
         x = xK.to(torch.float32)
         work = self.log_gamma(base, reward, x, 1.0)
+        _, bwd = self.fields(base, reward, drift, x, self.n_steps)
         for k in range(self.n_steps - 1, -1, -1):
-            mean = x + self.delta * (self.grad_log_gamma(base, reward, x, float(self.lam(self.s(k + 1))))
-                                     - (0 if drift is None else drift(x, self._times(k + 1, x))))
-            x_prev = mean + math.sqrt(2 * self.delta) * torch.randn_like(x)
-            work += self.step_log_ratio(base, reward, drift, x_prev, x, k)
-            x = x_prev
+            x_prev = x + self.delta * bwd + math.sqrt(2 * self.delta) * torch.randn_like(x)
+            fwd_prev, bwd_prev = self.fields(base, reward, drift, x_prev, k)
+            work += self._log_ratio(x_prev, x, fwd_prev, bwd)
+            x, bwd = x_prev, bwd_prev
         return work - base.data_log_prob(x)
 
     def works(self, base, reward, drift: Drift, states: Tensor) -> Tensor:
         """``A [B]`` of given (detached) paths ``states [K+1, B, D]``, with the graph through the drift."""
         out = self.endpoints(base, reward, states[0], states[-1])
+        fwd, _ = self.fields(base, reward, drift, states[0], 0)
         for k in range(self.n_steps):
-            out = out + self.step_log_ratio(base, reward, drift, states[k], states[k + 1], k)
+            fwd_next, bwd_next = self.fields(base, reward, drift, states[k + 1], k + 1)
+            out = out + self._log_ratio(states[k], states[k + 1], fwd, bwd_next)
+            fwd = fwd_next
         return out
 
     def residual(self, base, reward, x: Tensor, s: Tensor, c: Tensor, div_c: Tensor, f_dot: Tensor) -> Tensor:
