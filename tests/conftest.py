@@ -11,11 +11,26 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _cache_dir(tmp_path_factory) -> Path:
+    """The pretrained-base cache of this test session, shared by pytest-xdist's workers (each worker's base temp is a
+    ``popen-gwN`` folder of the session's): the cache's writes are atomic, so a base pretrained by one worker is
+    loaded by the others."""
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "cache"
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core), one intra-op torch thread per worker: the workers
+    already fill the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _offline_env(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("IIF_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    monkeypatch.setenv("IIF_CACHE", str(_cache_dir(tmp_path_factory)))
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
 
 
@@ -24,7 +39,7 @@ def cli_env(tmp_path_factory):
     """Environment for `python -m iif.train` subprocesses."""
     env = dict(os.environ)
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", CI="1",
-               IIF_CACHE=str(tmp_path_factory.getbasetemp() / "cache"))
+               IIF_CACHE=str(_cache_dir(tmp_path_factory)))
     return env
 
 
