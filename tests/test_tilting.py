@@ -215,38 +215,99 @@ class LinearReward(Reward):
         return self.b * x[:, 0]
 
 
-def test_nets_residual_vanishes_at_the_exact_transport():
-    """1-D Gaussian base N(0, s^2) on the VP path, r = b x, path gamma_t = p^base_t e^{(1-t) b x}: pi_t = N(kappa b V,
-    V) with V = alpha^2 s^2 + sigma^2, kappa = 1 - t; the exact correction (a linear field transporting pi_t minus the
-    base's) is c* = b (V + kappa dV/dtau / 2) and log Z_t = kappa^2 b^2 V / 2. The PINN residual is 0 at every x, t."""
+# the 1-D NETS problem of E7(b): base N(0, S2) on the VP path, r = B x, path gamma_t = p^base_t e^{(1-t) B x}
+S2, B = 0.7, 1.3
+VP = VPSchedule()
+
+
+def _var(t):
+    """``V(t) = alpha^2 S2 + sigma^2``, the base marginal's variance; pi_t = N(kappa B V, V), kappa = 1 - t."""
+    return VP.alpha(t) ** 2 * S2 + VP.sigma(t) ** 2
+
+
+def _exact_correction(t):
+    """``c*(t) = B (V + kappa dV/dtau / 2)``: a linear field transporting pi_t minus the base's velocity."""
+    with torch.enable_grad():
+        tt = t.detach().double().requires_grad_(True)
+        (dv_dt,) = torch.autograd.grad(_var(tt).sum(), tt)
+    return B * (_var(t.double()) - (1 - t.double()) * dv_dt / 2)
+
+
+class ExactControl(nn.Module):
+    """``u = c* / g^2`` (test-local)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, x0_hat, cond=None):
+        return (_exact_correction(t) / VP.diffusion_sq(t.double())).to(x.dtype)[:, None].expand_as(x)
+
+
+class AffineControl(nn.Module):
+    """A fixed wrong control ``u = (1 - t)(a x + c)`` (test-local; a = c = 0: no correction)."""
+
+    def __init__(self, a, c):
+        super().__init__()
+        self.a, self.c = nn.Parameter(torch.tensor(a)), nn.Parameter(torch.tensor(c))
+
+    def forward(self, x, t, x0_hat, cond=None):
+        return (1 - t).to(x.dtype)[:, None] * (self.a * x + self.c)
+
+
+def _nets_1d(control, n_steps=10):
     from iif.methods.nets import NETS
 
-    s2, b = 0.7, 1.3
-    path = VPSchedule()
-    base = GMMExact(GMM.isotropic([[0.0]], var=s2), path)
+    base = GMMExact(GMM.isotropic([[0.0]], var=S2), VP)
+    return NETS(base, LinearReward(B), DDPMSampler(n_steps), control, optimizer=lambda p: torch.optim.Adam(p))
 
-    def var(t):
-        return path.alpha(t) ** 2 * s2 + path.sigma(t) ** 2
 
-    def exact_c(t):
-        tt = t.detach().double().requires_grad_(True)
-        (dv_dt,) = torch.autograd.grad(var(tt).sum(), tt)
-        return b * (var(t.double()) - (1 - t.double()) * dv_dt / 2)
-
-    class ExactControl(nn.Module):
-        def forward(self, x, t, x0_hat, cond=None):
-            return (exact_c(t) / path.diffusion_sq(t.double())).to(x.dtype)[:, None].expand_as(x)
-
-    method = NETS(base, LinearReward(b), DDPMSampler(10), ExactControl(), optimizer=lambda p: torch.optim.Adam(p))
-    method.guidance.free_energy = lambda t: 0.5 * (1 - t) ** 2 * b ** 2 * var(t)  # exact log Z_t
+def test_nets_residual_vanishes_at_the_exact_transport():
+    """The PINN residual of the 1-D problem is 0 at every x, t at the exact correction ``c*`` and the exact
+    ``log Z_t = kappa^2 B^2 V / 2``; a wrong correction leaves one."""
+    method = _nets_1d(ExactControl())
+    method.guidance.free_energy = lambda t: 0.5 * (1 - t) ** 2 * B ** 2 * _var(t)  # exact log Z_t
     torch.manual_seed(0)
     t = 0.02 + 0.96 * torch.rand(256, dtype=torch.float64)
     x = 3 * torch.randn(256, 1, dtype=torch.float64)
     torch.testing.assert_close(method.residual(x, t), torch.zeros(256, dtype=torch.float64), rtol=0, atol=1e-8)
-    # a wrong correction leaves a residual
-    method.guidance.control = nn.Identity()
-    method.guidance.control.forward = lambda x, t, x0_hat, cond=None: torch.zeros_like(x)
+    method.guidance.control = AffineControl(0.0, 0.0)
     assert method.residual(x, t).abs().mean() > 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("float64_default")
+def test_e7b_escorted_works_along_the_sampler():
+    """E7(b): NETS' escorted works ``A`` along the sampler's own paths (the base's reverse SDE, eps = g^2/2, guided by
+    NETS' drift), against the closed form ``log Z = B^2 S2 / 2``. At the exact correction ``A`` is the same on every
+    path (std 0) and its error is the left-point rule's ``O(1/K)`` (K = 50 -> 200 divides it by ~4); with no
+    correction and with a wrong one, Jarzynski's ``log mean e^A`` is unbiased (up to that bias) and ``E[A] < log Z``.
+    This checks that the drift the sampler runs is the one the work assumes, which the residual test cannot."""
+    log_z = 0.5 * B ** 2 * S2
+    errors = {}
+    for n_steps in (50, 200):
+        torch.manual_seed(0)
+        method = _nets_1d(ExactControl(), n_steps)
+        traj = method.sampler.sample(method.base, method.guidance, 2000, keep_states=True)
+        works = method.escorted_works(traj.states)
+        assert works.std() < 1e-10
+        errors[n_steps] = log_z - works.mean().item()
+        # the exact correction transports pi_t: the samples follow the tilt N(B S2, S2)
+        assert abs(traj.x0.mean().item() - B * S2) < 4 * math.sqrt(S2 / 2000)
+    assert 0 < errors[200] < 0.005 and 3.5 < errors[50] / errors[200] < 4.5, errors
+    for a, c in ((0.0, 0.0), (0.2, 0.2)):
+        torch.manual_seed(1)
+        method = _nets_1d(AffineControl(a, c), 200)
+        n = 8000
+        traj = method.sampler.sample(method.base, method.guidance, n, keep_states=True)
+        works = method.escorted_works(traj.states)
+        w = (works - works.max()).exp()
+        se = (w.std() / w.mean()).item() / math.sqrt(n)  # delta method: s.e. of log mean e^A
+        estimate = (torch.logsumexp(works, 0) - math.log(n)).item()
+        assert abs(estimate - log_z) < 4 * se + 0.005, (a, c, estimate, log_z, se)
+        assert works.mean().item() < log_z - 0.05
+        if a == c == 0:  # without the correction the samples are not the tilt: the weights do the work
+            assert abs(traj.x0.mean().item() - B * S2) > 0.1
 
 
 SIZES = {"csm": ["method.n_samples=1024", "method.n_keep=512", "method.grad_steps=60", "method.batch_size=512"],

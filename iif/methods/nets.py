@@ -2,6 +2,8 @@
 2025; the unified paper's thermodynamic view, docs/tilting.md §4.2)."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -58,14 +60,18 @@ class NETS(FineTuned):
        probe);
     4. step (``u`` and ``F`` together).
 
-    ``F(0)`` estimates ``log Z`` (logged as ``log_z_nets``); the path works of any run (``iif.metrics.works``) give
-    the Jarzynski/BAR estimates of the same. Differentiated: ``u`` (and its divergence) and ``F``; states, base score,
+    ``F(0)`` estimates ``log Z`` (logged as ``log_z_nets``); so does Jarzynski's estimate from the escorted works
+    :meth:`escorted_works` of the first ``escorted_paths`` trajectories of each iteration (NETS' own estimator,
+    logged as ``log_z_escorted`` with the works' ``escorted_ess_frac``); the path works of any run
+    (``iif.metrics.works``, exact in discrete time) give the evaluators' Jarzynski/BAR estimates of the same. Differentiated: ``u`` (and its divergence) and ``F``; states, base score,
     reward and its gradient are detached.
 
     Args:
         batch_size: ``b``; loss_steps: ``S``; grad_steps: optimiser steps per iteration.
         free_energy_hidden: width of ``F``'s network.
         exact_divergence_max: the largest sample dimension with the exact divergence.
+        escorted_paths: trajectories per iteration whose escorted works are computed and logged (0: none; each costs
+            one :meth:`work_rate` per sampling step).
         optimizer, iterations, lr_final_factor, grad_clip, ema_decay: see ``iif.methods.optim.Trainer``.
     """
 
@@ -73,8 +79,10 @@ class NETS(FineTuned):
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 256,
                  loss_steps: int = 8, grad_steps: int = 10, free_energy_hidden: int = 64,
-                 exact_divergence_max: int = 16, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
+                 exact_divergence_max: int = 16, escorted_paths: int = 0, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
                  grad_clip: float = 0.0, ema_decay: float = 0.0):
+        if escorted_paths < 0:
+            raise ValueError(f"method.escorted_paths must be >= 0, got {escorted_paths}")
         if min(batch_size, loss_steps, grad_steps) < 1:
             raise ValueError(f"method.batch_size, loss_steps and grad_steps must be >= 1, got {batch_size}, "
                              f"{loss_steps}, {grad_steps}")
@@ -86,14 +94,15 @@ class NETS(FineTuned):
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
                          ema_decay=ema_decay)
         self.batch_size, self.loss_steps, self.grad_steps = batch_size, loss_steps, grad_steps
-        self.exact_divergence_max = exact_divergence_max
+        self.exact_divergence_max, self.escorted_paths = exact_divergence_max, escorted_paths
         kernels = sampler.kernels(base)
         if loss_steps > len(kernels):
             raise ValueError(f"method.loss_steps={loss_steps} exceeds the sampler's n_steps={len(kernels)}")
         self._t = torch.tensor([k.t for k in kernels], device=base.device)
 
-    def residual(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
-        """``R(x, t) [B]`` at states ``x [B, *shape]`` and times ``t [B]``, with a graph to ``u`` and ``F``."""
+    def work_rate(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The escorted work's rate ``dA/dtau = d_tau r_tau + grad r_tau . v + div c + (s_base + grad r_tau) . c``
+        ``[B]`` at states ``x [B, *shape]`` and times ``t [B]``, with a graph to ``u`` (docs/tilting.md §4.2)."""
         sched = self.base.schedule
         t64 = t.to(torch.float64)
         shape = (-1,) + (1,) * (x.dim() - 1)
@@ -107,23 +116,47 @@ class NETS(FineTuned):
             s_base = (-eps / sigma).detach()
             c = g2 * self.guidance.control(x, t, self.base.x0_hat(x, t, eps), cond)
             div = divergence(c, x, self.exact_divergence_max)
-            tt = t.detach().requires_grad_(True)
-            (dF_dt,) = torch.autograd.grad(self.guidance.free_energy(tt).sum(), tt, create_graph=True)
         r = self.reward.log_tilt(x.detach(), cond).to(x.dtype)
         grad_r = kappa * self.reward.grad_log_tilt(x.detach(), cond).to(x.dtype)
         v = -f * x.detach() + 0.5 * g2 * s_base
         dot = lambda a, b: (a * b).flatten(1).sum(1)  # noqa: E731
-        return r + dot(grad_r, v) + div + dot(s_base + grad_r, c) + dF_dt  # d_tau F = -dF/dt
+        return r + dot(grad_r, v) + div + dot(s_base + grad_r, c)
+
+    def residual(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``R(x, t) = dA/dtau - d_tau F`` ``[B]`` at states ``x [B, *shape]`` and times ``t [B]``, with a graph to
+        ``u`` and ``F``."""
+        with torch.enable_grad():
+            tt = t.detach().requires_grad_(True)
+            (dF_dt,) = torch.autograd.grad(self.guidance.free_energy(tt).sum(), tt, create_graph=True)
+        return self.work_rate(x, t, cond) + dF_dt.to(x.dtype)  # d_tau F = -dF/dt
+
+    def escorted_works(self, states: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The escorted (NETS) works ``A [B]`` float64 of sampled paths ``states [N+1, B, *shape]`` (``x_N..x_0``):
+        ``A = sum_k (t_k - s_k) dA/dtau(x_{t_k}, t_k)``, the left-point rule for ``A = int_0^1 dA/dtau dtau``.
+
+        Jarzynski: ``E[e^A] = Z`` and ``E[A] <= log Z`` in continuous time; the sum carries an ``O(1/N)`` bias (unlike
+        the path works of ``iif.metrics.works``, exact in discrete time). At the exact transport ``A = log Z`` on
+        every path, up to that bias."""
+        kernels = self.sampler.kernels(self.base)
+        b = states.shape[1]
+        works = torch.zeros(b, dtype=torch.float64, device=states.device)
+        for k, kernel in enumerate(kernels):
+            t = torch.full((b,), kernel.t, device=states.device, dtype=states.dtype)
+            rate = self.work_rate(states[k], t, cond).detach()
+            works += (kernel.t - kernel.s) * rate.to(torch.float64)
+        return works
 
     def fit_step(self, iteration: int) -> dict[str, float]:
-        losses, norms = [], []
+        losses, norms, escorted = [], [], {}
         b, s = self.batch_size, self.loss_steps
-        for _ in range(self.grad_steps):
+        for step in range(self.grad_steps):
             # 1. detached trajectories of the current sampler
             cond = self.conditions_for(b)
             with self.trainer.sampling_weights():
                 traj = self.sampler.sample(self.base, self.guidance, b, cond=cond, keep_states=True,
                                            accumulate_rnd=False)
+                if step == 0 and self.escorted_paths:  # NETS' own log Z estimate, on the law that drew the paths
+                    escorted = self._escorted_estimate(traj, cond)
             # 2. S states per trajectory at random steps
             idx = torch.rand(b, len(self._t), device=self._t.device).argsort(dim=1)[:, :s]  # [b, S]
             cols = torch.arange(b, device=idx.device)[:, None].expand_as(idx)
@@ -137,4 +170,14 @@ class NETS(FineTuned):
         with torch.no_grad():
             log_z = self.guidance.free_energy(torch.zeros(1, device=self._t.device)).item()
         n = len(losses)
-        return {"loss": sum(losses) / n, "log_z_nets": log_z, "grad_norm": sum(norms) / n, "lr": self.trainer.lr}
+        return {"loss": sum(losses) / n, "log_z_nets": log_z, **escorted, "grad_norm": sum(norms) / n,
+                "lr": self.trainer.lr}
+
+    def _escorted_estimate(self, traj, cond: Tensor | None) -> dict[str, float]:
+        """Jarzynski's ``log Z`` from the escorted works of the first ``escorted_paths`` paths of ``traj``, and the
+        works' effective sample size as a fraction."""
+        m = min(self.escorted_paths, traj.states.shape[1])
+        works = self.escorted_works(traj.states[:, :m], None if cond is None else cond[:m])
+        log_w = works - works.max()
+        ess = (log_w.exp().sum() ** 2 / (2 * log_w).exp().sum()).item() / m
+        return {"log_z_escorted": (torch.logsumexp(works, 0) - math.log(m)).item(), "escorted_ess_frac": ess}
