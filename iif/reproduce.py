@@ -35,7 +35,22 @@ def load_spec(name: str):
     if not path.exists():
         known = sorted(p.parent.name for p in EXPERIMENTS.glob("*/spec.yaml"))
         raise SystemExit(f"iif-reproduce: error: unknown artifact '{name}'; known: {', '.join(known)}")
-    return OmegaConf.load(path)
+    spec = OmegaConf.load(path)
+    for method, where in (spec.get("only_on") or {}).items():
+        if method not in spec.methods:
+            raise SystemExit(f"iif-reproduce: error: {path}: only_on names '{method}', not one of the spec's methods")
+        unknown = [s for s in where if s not in settings_of(spec)]
+        if unknown:
+            raise SystemExit(f"iif-reproduce: error: {path}: only_on.{method} names setting '{unknown[0]}'; the spec "
+                             f"has {list(settings_of(spec))}")
+    return spec
+
+
+def methods_of(spec, setting: str) -> list[str]:
+    """The spec's methods that run on ``setting``: all but those whose ``only_on`` list leaves it out (e.g. adjoint
+    sampling, which needs a Gaussian base, only on the sampling problems)."""
+    only = spec.get("only_on") or {}
+    return [m for m in spec.methods if m not in only or setting in only[m]]
 
 
 def experiment_of(spec, scale: str) -> str:
@@ -337,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = [*overrides, *args.overrides]
         if not args.skip_runs:
             runs_dir.mkdir(parents=True, exist_ok=True)
-            run_setting(spec, args.scale, seeds, runs_dir, extra, args.jobs)
+            run_setting(OmegaConf.merge(spec, {"methods": methods_of(spec, setting)}), args.scale, seeds, runs_dir,
+                        extra, args.jobs)
         runs = [r for r in load_runs(runs_dir) if r["method"] in spec.methods and r["seed"] in seeds
                 and not Path(r["run_dir"]).parent.name.startswith("tune_")]
         if not runs:

@@ -179,13 +179,13 @@ def test_every_scale_of_every_spec_composes_and_builds_for_every_method(artifact
 
     from iif.build import build
     from iif.config import compose
-    from iif.reproduce import load_spec, method_overrides, run_overrides, settings_of
+    from iif.reproduce import load_spec, method_overrides, methods_of, run_overrides, settings_of
 
     spec = load_spec(artifact)
     tuned = {m: f"{t.key}={t['values'][0]}" for m, t in (spec.get("tune") or {}).items()}
     for scale in SCALES_CHECKED.get(artifact, spec.scales):
-        for setting in settings_of(spec).values():
-            for method in spec.methods:
+        for name, setting in settings_of(spec).items():
+            for method in methods_of(spec, name):
                 own = [*method_overrides(spec, scale, method), *([tuned[method]] if method in tuned else [])]
                 cfg, choices = compose([f"method={method}", *run_overrides(spec, scale, setting, own), "logger=none"])
                 if OmegaConf.select(cfg, "base_model.pretrained") not in (None, "tiny"):
@@ -348,3 +348,32 @@ def test_methods_allowed_to_fail_are_listed_not_fatal(tmp_path, monkeypatch):
     spec.methods = ["bad"]
     with pytest.raises(subprocess.CalledProcessError):
         rp.run_setting(spec, "ci", [0, 1], tmp_path, [], jobs=1)
+
+
+def test_only_on_runs_a_method_on_its_settings_only(tmp_path, monkeypatch):
+    """tilts' ``only_on``: adjoint sampling (Gaussian bases only) runs on the three sampling problems and no other;
+    every other method on all seven. A spec naming an unknown method or setting is refused in one line."""
+    import iif.reproduce as rp
+
+    ran = {}
+
+    def fake_setting(spec, scale, seeds, runs_dir, extra, jobs):
+        ran[runs_dir.name] = list(spec.methods)
+        raise SystemExit("stop after the runs")  # the aggregation needs real runs
+
+    monkeypatch.setattr(rp, "run_setting", fake_setting)
+    for setting in ("on_modes", "gmm_energy"):
+        with pytest.raises(SystemExit):
+            rp.main(["tilts", "--settings", setting, "--out", str(tmp_path)])
+    spec = rp.load_spec("tilts")
+    assert ran["gmm_energy"] == list(spec.methods) and "as" in spec.methods
+    assert ran["on_modes"] == [m for m in spec.methods if m != "as"]
+    assert {s for s in rp.settings_of(spec) if "as" in rp.methods_of(spec, s)} == {"gmm_energy", "double_well",
+                                                                                    "gmm10d"}
+    bad = tmp_path / "experiments"
+    for only_on, message in (("{as: [hot]}", "names setting 'hot'"), ("{cg: [a]}", "names 'cg', not one of")):
+        (bad / "x").mkdir(parents=True, exist_ok=True)
+        (bad / "x" / "spec.yaml").write_text(f"methods: [base, as]\nsettings: {{a: []}}\nonly_on: {only_on}\n")
+        monkeypatch.setattr(rp, "EXPERIMENTS", bad)
+        with pytest.raises(SystemExit, match=message):
+            rp.load_spec("x")
