@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             note += f"\ntuned{label}: " + ", ".join(f"{m}: {o}" for m, o in json.loads(tuned.read_text()).items())
         sections.append((setting, rows, note))
         all_rows.append((setting, rows))
-    md = write_combined(all_rows, metrics, out_dir, list(spec.get("common_metrics") or []))
+    md = write_combined(all_rows, metrics, out_dir, list(spec.get("common_metrics") or []), list(spec.methods))
     if spec.get("rank_by"):
         md += "\n" + ranking(tables, spec.rank_by, spec.metrics[spec.rank_by], list(spec.methods), out_dir)
     lines = check_claims(spec, tables, args.scale)
@@ -424,11 +424,11 @@ def ranking(tables: dict[str, dict], metric: str, direction: str, methods: list[
 
 
 def write_combined(settings_rows: list[tuple[str, list[dict]]], metrics: list[str], out_dir: Path,
-                   common: list[str] = ()) -> str:
-    """One row per method, the metrics of each setting as columns ``<setting>/<metric>`` (plain names without
-    settings): ``table.md`` and ``table.csv`` (first column ``method``). ``common`` metrics (e.g. training time and
-    memory) get one column each after them: the mean over the settings, its standard error
-    ``sqrt(sum se^2) / n_settings``."""
+                   common: list[str] = (), order: list[str] = ()) -> str:
+    """One row per method (in ``order``, then first seen), the metrics of each setting as columns
+    ``<setting>/<metric>`` (plain names without settings): ``table.md`` and ``table.csv`` (first column ``method``).
+    ``common`` metrics (e.g. training time and memory) get one column each after them: the mean over the settings
+    (those the method ran on, ``only_on``), its standard error ``sqrt(sum se^2) / n_settings``."""
     if len(settings_rows) == 1 and not settings_rows[0][0]:
         return write_tables(settings_rows[0][1], "method", metrics, out_dir)
     merged: dict[str, dict] = {}
@@ -453,7 +453,9 @@ def write_combined(settings_rows: list[tuple[str, list[dict]]], metrics: list[st
         row[f"{m}_se"] = math.sqrt(sum(se ** 2 for _, se, _ in values)) / len(values)
         row["_counts"][m] = min(c for _, _, c in values)
     columns += [m for m in metrics if m in common]
-    return write_tables(list(merged.values()), "method", columns, out_dir)
+    rank = {m: i for i, m in enumerate(order)}
+    rows = sorted(merged.values(), key=lambda r: rank.get(r["method"], len(rank)))  # stable: first seen after
+    return write_tables(rows, "method", columns, out_dir)
 
 
 if __name__ == "__main__":

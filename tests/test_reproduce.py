@@ -299,6 +299,12 @@ def test_common_metrics_are_one_column_the_mean_over_settings(tmp_path):
     assert float(iif["s1/r"]) == 1.0 and float(iif["s2/r"]) == 2.0
     assert float(iif["t"]) == 15.0 and math.isclose(float(iif["t_se"]), math.sqrt(3.0 ** 2 + 4.0 ** 2) / 2)
     assert float(rows[1]["t"]) == 2.0
+    # a method run on the second setting only (only_on) takes its place in the spec's order, with one setting's mean
+    settings[1][1].append(row("as", 3.0, 7.0, 1.0))
+    write_combined(settings, ["r", "t"], tmp_path, common=["t"], order=["base", "as", "iif"])
+    rows = list(csv.DictReader((tmp_path / "table.csv").open()))
+    assert [r["method"] for r in rows] == ["base", "as", "iif"]
+    assert rows[1]["s1/r"] == "" and float(rows[1]["s2/r"]) == 3.0 and float(rows[1]["t"]) == 7.0
 
 
 def test_a_setting_may_choose_its_own_experiment():
