@@ -128,8 +128,11 @@ def test_reward_errors():
     rew = _reward()
     x = torch.zeros(3, 2, dtype=DT)
     x[1, 0] = float("nan")
-    with pytest.raises(RewardError):
+    with pytest.raises(RewardError, match="1 of its inputs are non-finite already, so the samples diverged"):
         rew.log_tilt(x)
+    with pytest.raises(RewardError, match=r"first bad input: \[0.0, 0.0\]"):  # finite input, non-finite reward
+        BlackBoxGMMReward(R_MEANS, torch.tensor([float("nan")] * len(R_WEIGHTS), dtype=DT), var=1.0).log_tilt(
+            torch.zeros(2, 2, dtype=DT))
     bb = BlackBoxGMMReward(R_MEANS, torch.tensor(R_WEIGHTS, dtype=DT), var=1.0, temperature=2.0)
     y = torch.randn(5, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(bb.log_tilt(y), _ref_reward().log_prob(y) / 2.0)

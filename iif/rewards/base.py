@@ -63,8 +63,12 @@ class Reward(abc.ABC):
         r = self(x, cond)
         bad = ~torch.isfinite(r)
         if bad.any():
+            diverged = int((~torch.isfinite(x.flatten(1)).all(1)).sum())
+            cause = (f": {diverged} of its inputs are non-finite already, so the samples diverged before the reward "
+                     "(a drift too stiff for the sampler's step: raise sampler.n_steps, or lower the method's learning "
+                     "rate)" if diverged else f"; first bad input: {x[bad][0].tolist()}")
             raise RewardError(f"reward '{self.name}' returned {int(bad.sum())} non-finite values "
-                              f"(NaN/inf) out of {r.numel()}; first bad input: {x[bad][0].tolist()}")
+                              f"(NaN/inf) out of {r.numel()}{cause}")
         return r / self.temperature
 
     def grad_log_tilt(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
