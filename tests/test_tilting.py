@@ -310,6 +310,62 @@ def test_e7b_escorted_works_along_the_sampler():
             assert abs(traj.x0.mean().item() - B * S2) > 0.1
 
 
+class SOCPath:
+    """The SOC path of the 1-D problem, ``r_t = log h_t`` with ``h_t(x) = E[e^{B X_0} | X_t = x]``: ``X_0 | x ~ N(alpha
+    S2 x / V, S2 sigma^2 / V)``, so ``log h_t = B alpha S2 x / V + B^2 S2 sigma^2 / (2 V)`` (test-local)."""
+
+    @staticmethod
+    def log_h(x, t):
+        a, s, v = VP.alpha(t)[:, None], VP.sigma(t)[:, None], _var(t)[:, None]
+        return (B * a * S2 * x / v + B ** 2 * S2 * s ** 2 / (2 * v))[:, 0]
+
+    def rate(self, x, t, cond=None):  # d_tau = -d_t
+        with torch.enable_grad():
+            tt = t.detach().double().requires_grad_(True)
+            (d_t,) = torch.autograd.grad(self.log_h(x.detach().double(), tt).sum(), tt)
+        return -d_t.to(x.dtype)
+
+    def grad(self, x, t, cond=None):
+        return (B * VP.alpha(t.double()) * S2 / _var(t.double())).to(x.dtype)[:, None].expand_as(x)
+
+
+class HalfGradLogH(nn.Module):
+    """``u = c / g^2`` for ``c = (g^2 / 2) grad log h_t``, i.e. ``c = (sigma / 2) u*`` with ``u* = g grad log h`` the
+    SOC-optimal control (test-local)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x, t, x0_hat, cond=None):
+        return 0.5 * SOCPath().grad(x, t)
+
+
+@pytest.mark.usefixtures("float64_default")
+def test_e7c_nets_on_the_soc_path_is_the_optimal_control():
+    """E7(c): on the SOC path ``r_t = log h_t`` the marginals are the tilt's noised ones, ``Z_t = Z`` at every t, and
+    the exact NETS correction is ``(sigma / 2) u*`` (``g^2 / 2 grad log h``): the residual vanishes at every (x, t)
+    with ``F = log Z`` constant. Sampled with it, NETS' SDE is the base's reverse SDE guided by ``grad log h``, the
+    optimal h-transform: its samples follow the tilt ``N(B S2, S2)`` and the escorted works are 0 on every path (the
+    path's two ends have the same Z)."""
+    method = _nets_1d(HalfGradLogH(), n_steps=200)
+    method.guidance.path = SOCPath()
+    method.guidance.free_energy = lambda t: 0 * t + B ** 2 * S2 / 2  # log Z_t = log Z
+    torch.manual_seed(0)
+    t = 0.02 + 0.96 * torch.rand(256)
+    x = 3 * torch.randn(256, 1)
+    torch.testing.assert_close(method.residual(x, t), torch.zeros(256), rtol=0, atol=1e-8)
+    method.guidance.control = AffineControl(0.0, 0.0)  # the path's own drift alone does not transport it
+    assert method.residual(x, t).abs().mean() > 0.1
+    method.guidance.control = HalfGradLogH()
+    n = 4000
+    traj = method.sampler.sample(method.base, method.guidance, n, keep_states=True)
+    works = method.escorted_works(traj.states)
+    assert works.abs().max() < 1e-8
+    assert abs(traj.x0.mean().item() - B * S2) < 4 * math.sqrt(S2 / n) + 0.01  # + the 200-step chain's bias
+    assert abs(traj.x0.var().item() - S2) < 0.05
+
+
 SIZES = {"csm": ["method.n_samples=1024", "method.n_keep=512", "method.grad_steps=60", "method.batch_size=512"],
          "nsm": ["method.n_samples=1024", "method.n_keep=512", "method.grad_steps=60", "method.batch_size=512"],
          "as": ["method.n_samples=256", "method.grad_steps=60", "method.batch_size=512"],

@@ -14,23 +14,43 @@ from iif.samplers.flow_sde import log_alpha_rate
 Tensor = torch.Tensor
 
 
+class LinearRewardPath:
+    """The tilting path ``r_t(x) = kappa(t) r(x) / lambda``, ``kappa(t) = 1 - t``: 0 at the prior (``t = 1``), the
+    reward at the data end. In generative time ``tau = 1 - t``: ``d_tau r_tau = r / lambda`` and
+    ``grad r_tau = kappa grad r / lambda``. Any other path (e.g. the SOC path ``r_t = log h_t``, docs/tilting.md §4.2)
+    is an object with the same two methods."""
+
+    def __init__(self, reward):
+        self.reward = reward
+
+    def rate(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``d_tau r_tau [B]`` at ``x [B, *shape]``, ``t [B]``."""
+        return self.reward.log_tilt(x.detach(), cond).to(x.dtype)
+
+    def grad(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """``grad_x r_tau [B, *shape]``."""
+        kappa = (1 - t).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
+        return kappa * self.reward.grad_log_tilt(x.detach(), cond).to(x.dtype)
+
+
 class NETSDrift(nn.Module):
     """The guidance NETS samples with, and its learned free energy.
 
-    Path of densities (generative time ``tau = 1 - t``): ``gamma_t(x) = p^base_t(x) exp(kappa(t) r(x)/lambda)`` with
-    ``kappa(t) = 1 - t``, from the prior (``t = 1``, ``Z = 1``) to the tilt (``t = 0``, ``Z``). The sampler's SDE
-    ``dX = [v + c + eps (s_base + grad r_t)] dtau + sqrt(2 eps) dW`` with ``eps = g^2/2`` is the base's reverse SDE
-    guided by ``h = c / g^2 + grad r_t / 2`` (score units), so ``control`` (any guidance module) holds ``u = c / g^2``
-    and this module adds ``kappa(t) grad r(x) / (2 lambda)``.
+    Path of densities (generative time ``tau = 1 - t``): ``gamma_t(x) = p^base_t(x) exp(r_t(x))`` with ``r_t`` the
+    ``path`` (:class:`LinearRewardPath`: ``kappa(t) r(x) / lambda``, ``kappa = 1 - t``), from the prior (``t = 1``,
+    ``Z = 1``) to the tilt (``t = 0``, ``Z``). The sampler's SDE ``dX = [v + c + eps (s_base + grad r_t)] dtau +
+    sqrt(2 eps) dW`` with ``eps = g^2/2`` is the base's reverse SDE guided by ``h = c / g^2 + grad r_t / 2`` (score
+    units), so ``control`` (any guidance module) holds ``u = c / g^2`` and this module adds ``grad r_t / 2``.
 
     Attributes:
         control: the learned ``u(x, t) = c(x, t) / g(t)^2``.
+        path: ``r_t`` (its ``rate`` and ``grad``).
         free_energy: ``F(t) = (1 - t) phi(t)``, an estimate of ``log Z_t`` (``F(1) = 0``; ``F(0)``: of ``log Z``).
     """
 
-    def __init__(self, control: nn.Module, reward, hidden: int = 64):
+    def __init__(self, control: nn.Module, path, hidden: int = 64):
         super().__init__()
-        self.control, self.reward = control, reward
+        self.control, self.path = control, path
         self.phi = TimeMLP(0, 1, hidden=hidden, layers=2, t_dim=16, zero_init=True, t_scale=10.0)  # smooth in t
 
     def free_energy(self, t: Tensor) -> Tensor:
@@ -38,8 +58,7 @@ class NETSDrift(nn.Module):
         return (1 - t) * self.phi(t.new_zeros(t.shape[0], 0), t)[:, 0]
 
     def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
-        kappa = (1 - t).to(x.dtype).view(-1, *[1] * (x.dim() - 1))
-        return self.control(x, t, x0_hat, cond) + 0.5 * kappa * self.reward.grad_log_tilt(x.detach(), cond)
+        return self.control(x, t, x0_hat, cond) + 0.5 * self.path.grad(x, t, cond)
 
 
 class NETS(FineTuned):
@@ -89,7 +108,7 @@ class NETS(FineTuned):
         if base.schedule.point_start:
             raise ValueError("method 'nets' needs the base's probability-flow velocity, infinite at the point start of "
                              f"{base.schedule!r}; use method=nets_annealing (path (B)) on that base")
-        drift = NETSDrift(guidance, reward, free_energy_hidden).to(base.device)
+        drift = NETSDrift(guidance, LinearRewardPath(reward), free_energy_hidden).to(base.device)
         super().__init__(base, reward, sampler, drift, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, grad_clip=grad_clip,
                          ema_decay=ema_decay)
@@ -109,18 +128,17 @@ class NETS(FineTuned):
         sigma = sched.sigma(t64).to(x.dtype).view(shape)
         g2 = sched.diffusion_sq(t64).to(x.dtype).view(shape)
         f = log_alpha_rate(sched, t64).to(x.dtype).view(shape)
-        kappa = (1 - t).to(x.dtype).view(shape)
         x = x.detach().requires_grad_(True)
         with torch.enable_grad():
             eps = self.base.eps(x, t, cond)
             s_base = (-eps / sigma).detach()
             c = g2 * self.guidance.control(x, t, self.base.x0_hat(x, t, eps), cond)
             div = divergence(c, x, self.exact_divergence_max)
-        r = self.reward.log_tilt(x.detach(), cond).to(x.dtype)
-        grad_r = kappa * self.reward.grad_log_tilt(x.detach(), cond).to(x.dtype)
+        path = self.guidance.path
+        grad_r = path.grad(x.detach(), t, cond).detach()
         v = -f * x.detach() + 0.5 * g2 * s_base
         dot = lambda a, b: (a * b).flatten(1).sum(1)  # noqa: E731
-        return r + dot(grad_r, v) + div + dot(s_base + grad_r, c)
+        return path.rate(x.detach(), t, cond).detach() + dot(grad_r, v) + div + dot(s_base + grad_r, c)
 
     def residual(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
         """``R(x, t) = dA/dtau - d_tau F`` ``[B]`` at states ``x [B, *shape]`` and times ``t [B]``, with a graph to
