@@ -378,8 +378,11 @@ def main(argv: list[str] | None = None) -> int:
         sections.append((setting, rows, note))
         all_rows.append((setting, rows))
     md = write_combined(all_rows, metrics, out_dir, list(spec.get("common_metrics") or []), list(spec.methods))
-    if spec.get("rank_by"):
-        md += "\n" + ranking(tables, spec.rank_by, spec.metrics[spec.rank_by], list(spec.methods), out_dir)
+    if spec.get("rank_by"):  # one metric or a list: a ranking table each, all in ranking.md
+        by = [spec.rank_by] if isinstance(spec.rank_by, str) else list(spec.rank_by)
+        ranked = "\n".join(ranking(tables, m, spec.metrics[m], list(spec.methods)) for m in by)
+        (out_dir / "ranking.md").write_text(ranked)
+        md += "\n" + ranked
     lines = check_claims(spec, tables, args.scale)
     notes = "".join(note for _, _, note in sections)
     curve_note = ""
@@ -399,10 +402,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def ranking(tables: dict[str, dict], metric: str, direction: str, methods: list[str], out_dir: Path) -> str:
+def ranking(tables: dict[str, dict], metric: str, direction: str, methods: list[str]) -> str:
     """Rank the methods within each setting by ``metric`` (1: best; ``direction`` lower or higher is better) and by
-    their mean rank over the settings: a markdown table, also written to ``ranking.md``. Ties share the better
-    rank; a method without the metric in a setting is left out of that setting's ranking."""
+    their mean rank over the settings: a markdown table. Ties share the better rank; a method without the metric in
+    a setting is left out of that setting's ranking."""
     settings = [k for k in tables if k]
     ranks: dict[str, dict[str, int]] = {m: {} for m in methods}
     for setting in settings:
@@ -418,9 +421,7 @@ def ranking(tables: dict[str, dict], metric: str, direction: str, methods: list[
     rows = ["| method | mean rank | " + " | ".join(settings) + " |", "|---|---|" + "---|" * len(settings)]
     rows += [f"| {m} | {mean[m]:.2f} | " + " | ".join(str(ranks[m].get(s, "–")) for s in settings) + " |"
              for m in order]
-    text = head + "\n".join(rows) + "\n"
-    (out_dir / "ranking.md").write_text(text)
-    return text
+    return head + "\n".join(rows) + "\n"
 
 
 def write_combined(settings_rows: list[tuple[str, list[dict]]], metrics: list[str], out_dir: Path,

@@ -323,10 +323,12 @@ def test_ranking_within_settings(tmp_path):
     from iif.reproduce import ranking
 
     tables = {"a": {"d": {"x": 0.1, "y": 0.3, "z": 0.1}}, "b": {"d": {"x": 0.5, "y": 0.2, "z": 0.4}}}
-    text = ranking(tables, "d", "lower", ["x", "y", "z"], tmp_path)
+    text = ranking(tables, "d", "lower", ["x", "y", "z"])
     rows = [r for r in text.splitlines() if r.startswith("| ") and "mean rank" not in r]
     assert [r.split(" | ")[0][2:] for r in rows] == ["z", "x", "y"]  # mean ranks 1.5, 2.0, 2.5
-    assert "| x | 2.00 | 1 | 3 |" in text and (tmp_path / "ranking.md").read_text() == text
+    assert "| x | 2.00 | 1 | 3 |" in text
+    text = ranking(tables, "d", "higher", ["x", "y", "z"])
+    assert "| x | 1.50 | 2 | 1 |" in text and "| y | 2.00 | 1 | 3 |" in text  # ties (x, z in a) share rank 2
 
 
 def test_methods_allowed_to_fail_are_listed_not_fatal(tmp_path, monkeypatch):
