@@ -3,6 +3,7 @@ resumes to the same result, and bad input fails early with one clear error."""
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -237,6 +238,44 @@ def test_foreign_checkpoint_is_refused(tmp_path):
     (run_dir / "checkpoint.pt").write_bytes(b"truncated")
     with pytest.raises(ConfigError, match="cannot read checkpoint"):
         train(cfg, run_dir, choices)
+
+
+RESUMING_CHILD = """
+import os, sys, time
+from iif.loggers.wandb_logger import WandbLogger
+print(os.environ.get("WANDB_SERVICE", "none"), flush=True)  # what the child inherited
+logger = WandbLogger()
+logger.start(sys.argv[1], {}, "n", "g", run_id="resumed1")
+print("started", flush=True)
+time.sleep(float(sys.argv[2]))
+logger.finish()
+"""
+
+SUBMITTER = """
+import os, subprocess, sys, wandb
+run = wandb.init(mode="offline", project="t", dir=sys.argv[1])  # exports WANDB_SERVICE to every child
+run.finish()
+child = [sys.executable, "-c", sys.argv[2], sys.argv[1]]
+first = subprocess.Popen([*child, "60"], stdout=subprocess.PIPE, text=True)
+assert first.stdout.readline().strip() == os.environ["WANDB_SERVICE"]
+assert first.stdout.readline().strip() == "started"
+first.kill()  # SIGKILL, as Slurm's requeue after its grace period
+first.wait()
+second = subprocess.run([*child, "0"], capture_output=True, text=True)
+sys.stderr.write(second.stderr[-3000:])
+sys.exit(second.returncode)
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_its_wandb_run_although_its_submitter_runs_a_wandb_service(tmp_path):
+    """The failure seen under Slurm's requeue: a process that ran ``wandb.init`` (a notebook, a test session) exports
+    ``WANDB_SERVICE``; runs it launches inherited it and shared its service, so a run killed and resumed found its
+    stream still open there ("run ID ... is in use"). Each run now owns its service: the resume succeeds."""
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    proc = subprocess.run([sys.executable, "-c", SUBMITTER, str(tmp_path), RESUMING_CHILD], env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.slow

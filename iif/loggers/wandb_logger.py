@@ -32,6 +32,7 @@ class WandbLogger:
         import wandb
 
         tags = list(dict.fromkeys([*self.tags, *(t[:64] for t in tags)]))  # W&B limits a tag to 64 characters
+        drop_inherited_service()
         self.run = wandb.init(
             mode=self.mode, project=self.project, entity=self.entity, group=self.group or group,
             tags=tags, name=name, config=config, dir=os.fspath(run_dir), id=run_id, resume="allow",
@@ -50,3 +51,17 @@ class WandbLogger:
         if self.run is not None:
             self.run.finish(exit_code=exit_code)
             self.run = None
+
+
+def drop_inherited_service() -> None:
+    """Forget a W&B service this process inherited (``WANDB_SERVICE``, which wandb exports to the environment of the
+    process that starts a service, so that every subprocess and every Slurm job submitted from it connects to it).
+    A run should own its service: through a shared one, a run killed and requeued (or resumed by hand) finds its
+    stream still open there, and its resume fails with "run ID ... is in use" for as long as the owner lives. The
+    variable is ``<version>-<owner pid>-<transport>-<address>``; this process's own service is kept."""
+    token = os.environ.get("WANDB_SERVICE")
+    if token is None:
+        return
+    parts = token.split("-")
+    if len(parts) < 2 or parts[1] != str(os.getpid()):
+        del os.environ["WANDB_SERVICE"]
