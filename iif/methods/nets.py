@@ -82,8 +82,8 @@ class NETS(FineTuned):
     ``F(0)`` estimates ``log Z`` (logged as ``log_z_nets``); so does Jarzynski's estimate from the escorted works
     :meth:`escorted_works` of the first ``escorted_paths`` trajectories of each iteration (NETS' own estimator,
     logged as ``log_z_escorted`` with the works' ``escorted_ess_frac``); the path works of any run
-    (``iif.metrics.works``, exact in discrete time) give the evaluators' Jarzynski/BAR estimates of the same. Differentiated: ``u`` (and its divergence) and ``F``; states, base score,
-    reward and its gradient are detached.
+    (``iif.metrics.works``, exact in discrete time) give the evaluators' Jarzynski/BAR estimates of the same.
+    Differentiated: ``u`` (and its divergence) and ``F``; states, base score, reward and its gradient are detached.
 
     Args:
         batch_size: ``b``; loss_steps: ``S``; grad_steps: optimiser steps per iteration.
@@ -98,8 +98,8 @@ class NETS(FineTuned):
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 256,
                  loss_steps: int = 8, grad_steps: int = 10, free_energy_hidden: int = 64,
-                 exact_divergence_max: int = 16, escorted_paths: int = 0, optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0,
-                 grad_clip: float = 0.0, ema_decay: float = 0.0):
+                 exact_divergence_max: int = 16, escorted_paths: int = 0, optimizer=None, iterations: int = 1,
+                 lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
         if escorted_paths < 0:
             raise ValueError(f"method.escorted_paths must be >= 0, got {escorted_paths}")
         if min(batch_size, loss_steps, grad_steps) < 1:
