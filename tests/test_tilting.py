@@ -255,11 +255,18 @@ class AffineControl(nn.Module):
         return (1 - t).to(x.dtype)[:, None] * (self.a * x + self.c)
 
 
-def _nets_1d(control, n_steps=10):
+def _nets_1d(control, n_steps=10, **kwargs):
     from iif.methods.nets import NETS
 
     base = GMMExact(GMM.isotropic([[0.0]], var=S2), VP)
-    return NETS(base, LinearReward(B), DDPMSampler(n_steps), control, optimizer=lambda p: torch.optim.Adam(p))
+    return NETS(base, LinearReward(B), DDPMSampler(n_steps), control, optimizer=lambda p: torch.optim.Adam(p),
+                **kwargs)
+
+
+def test_nets_escorted_estimate_needs_two_paths():
+    for bad in (-1, 1):
+        with pytest.raises(ValueError, match="escorted_paths must be 0 \\(off\\) or >= 2"):
+            _nets_1d(ExactControl(), escorted_paths=bad)
 
 
 def test_nets_residual_vanishes_at_the_exact_transport():

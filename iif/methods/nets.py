@@ -2,12 +2,11 @@
 2025; the unified paper's thermodynamic view, docs/tilting.md §4.2)."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from iif.methods.base import FineTuned
+from iif.metrics.log_z import ess_frac, jarzynski
 from iif.nn import TimeMLP, divergence
 from iif.samplers.flow_sde import log_alpha_rate
 
@@ -100,8 +99,9 @@ class NETS(FineTuned):
                  loss_steps: int = 8, grad_steps: int = 10, free_energy_hidden: int = 64,
                  exact_divergence_max: int = 16, escorted_paths: int = 0, optimizer=None, iterations: int = 1,
                  lr_final_factor: float = 1.0, grad_clip: float = 0.0, ema_decay: float = 0.0):
-        if escorted_paths < 0:
-            raise ValueError(f"method.escorted_paths must be >= 0, got {escorted_paths}")
+        if escorted_paths < 0 or escorted_paths == 1:
+            raise ValueError(f"method.escorted_paths must be 0 (off) or >= 2 (an estimate needs two paths), got "
+                             f"{escorted_paths}")
         if min(batch_size, loss_steps, grad_steps) < 1:
             raise ValueError(f"method.batch_size, loss_steps and grad_steps must be >= 1, got {batch_size}, "
                              f"{loss_steps}, {grad_steps}")
@@ -193,9 +193,7 @@ class NETS(FineTuned):
 
     def _escorted_estimate(self, traj, cond: Tensor | None) -> dict[str, float]:
         """Jarzynski's ``log Z`` from the escorted works of the first ``escorted_paths`` paths of ``traj``, and the
-        works' effective sample size as a fraction."""
+        works' effective sample size as a fraction (the evaluators' estimators, ``iif.metrics.log_z``)."""
         m = min(self.escorted_paths, traj.states.shape[1])
         works = self.escorted_works(traj.states[:, :m], None if cond is None else cond[:m])
-        log_w = works - works.max()
-        ess = (log_w.exp().sum() ** 2 / (2 * log_w).exp().sum()).item() / m
-        return {"log_z_escorted": (torch.logsumexp(works, 0) - math.log(m)).item(), "escorted_ess_frac": ess}
+        return {"log_z_escorted": jarzynski(works), "escorted_ess_frac": ess_frac(works)}
