@@ -48,9 +48,17 @@ class WandbLogger:
         self.run.log({key: wandb.Image(fig)}, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
+        """Finish the run; on return its run file is complete. ``run.finish`` only informs the W&B service, which
+        closes the file (flushing its last 32 KiB block) later, so a reader right after it could find the file
+        without its records; stopping the service waits for that. A service still serving another run of this
+        process (a notebook's own run) is left running."""
         if self.run is not None:
+            import wandb
+
             self.run.finish(exit_code=exit_code)
             self.run = None
+            if wandb.run is None:
+                wandb.teardown()
 
 
 def drop_inherited_service() -> None:
