@@ -403,24 +403,39 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ranking(tables: dict[str, dict], metric: str, direction: str, methods: list[str]) -> str:
-    """Rank the methods within each setting by ``metric`` (1: best; ``direction`` lower or higher is better) and by
-    their mean rank over the settings: a markdown table. Ties share the better rank; a method without the metric in
-    a setting is left out of that setting's ranking."""
+    """Rank the methods within each setting by ``metric`` (1: best; ``direction`` lower or higher is better): a
+    markdown table. Ties share the better rank; a method without the metric in a setting is left out of that
+    setting's ranking.
+
+    Two summaries per method: its mean rank over the settings it has, and its win rate, the mean over the other
+    methods of the fraction of the settings both have where it is better (ties count half). The mean rank of a
+    method that runs on only some settings (``only_on``) averages other settings than the rest's; the win rate
+    compares every pair on the settings they share, so the rows are ordered by it (mean rank breaks ties)."""
     settings = [k for k in tables if k]
-    ranks: dict[str, dict[str, int]] = {m: {} for m in methods}
+    sign = -1.0 if direction == "higher" else 1.0
+    scores: dict[str, dict[str, float]] = {}  # setting -> method -> value, lower is better
     for setting in settings:
         values = tables[setting].get(metric, {})
-        scored = [(v if direction != "higher" else -v, m) for m, v in values.items() if m in ranks and math.isfinite(v)]
-        for m in ranks:
-            if m in values and math.isfinite(values[m]):
-                ranks[m][setting] = 1 + sum(1 for v, _ in scored if v < (values[m] if direction != "higher"
-                                                                            else -values[m]))
+        scores[setting] = {m: sign * v for m, v in values.items() if m in methods and math.isfinite(v)}
+    ranks = {m: {s: 1 + sum(v < sc[m] for v in sc.values()) for s, sc in scores.items() if m in sc} for m in methods}
     mean = {m: sum(r.values()) / len(r) for m, r in ranks.items() if r}
-    order = sorted(mean, key=mean.get)
-    head = f"ranking by {metric} ({direction} is better) within each setting; mean rank over settings\n\n"
-    rows = ["| method | mean rank | " + " | ".join(settings) + " |", "|---|---|" + "---|" * len(settings)]
-    rows += [f"| {m} | {mean[m]:.2f} | " + " | ".join(str(ranks[m].get(s, "–")) for s in settings) + " |"
-             for m in order]
+    win: dict[str, float] = {}
+    for m in mean:
+        fractions = []
+        for other in mean:
+            shared = [sc for sc in scores.values() if m in sc and other in sc]
+            if other != m and shared:
+                fractions.append(sum(1.0 if sc[m] < sc[other] else 0.5 if sc[m] == sc[other] else 0.0
+                                     for sc in shared) / len(shared))
+        win[m] = sum(fractions) / len(fractions) if fractions else math.nan
+    order = sorted(mean, key=lambda m: (-win[m] if math.isfinite(win[m]) else math.inf, mean[m]))
+    head = (f"ranking by {metric} ({direction} is better) within each setting; mean rank over the settings a method "
+            f"ran on; win rate: mean over the other methods of the share of shared settings where it is better "
+            f"(ties half), the order\n\n")
+    rows = ["| method | win rate | mean rank | " + " | ".join(settings) + " |",
+            "|---|---|---|" + "---|" * len(settings)]
+    rows += [f"| {m} | {win[m]:.2f} | {mean[m]:.2f} | " + " | ".join(str(ranks[m].get(s, "–")) for s in settings)
+             + " |" for m in order]
     return head + "\n".join(rows) + "\n"
 
 

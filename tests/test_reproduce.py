@@ -319,16 +319,35 @@ def test_a_setting_may_choose_its_own_experiment():
 
 
 def test_ranking_within_settings(tmp_path):
-    """Ranks per setting (ties share the better rank), mean rank over settings, best first."""
+    """Ranks per setting (ties share the better rank), mean rank over settings, and the win rate (mean over the
+    other methods of the share of shared settings won, ties half; worked out by hand below), the order."""
     from iif.reproduce import ranking
+
+    def order(text):
+        rows = [r for r in text.splitlines() if r.startswith("| ") and "mean rank" not in r]
+        return [r.split(" | ")[0][2:] for r in rows]
 
     tables = {"a": {"d": {"x": 0.1, "y": 0.3, "z": 0.1}}, "b": {"d": {"x": 0.5, "y": 0.2, "z": 0.4}}}
     text = ranking(tables, "d", "lower", ["x", "y", "z"])
-    rows = [r for r in text.splitlines() if r.startswith("| ") and "mean rank" not in r]
-    assert [r.split(" | ")[0][2:] for r in rows] == ["z", "x", "y"]  # mean ranks 1.5, 2.0, 2.5
-    assert "| x | 2.00 | 1 | 3 |" in text
+    # x: vs y 1/2, vs z (tie, lost) 1/4 -> 0.375; y: vs x 1/2, vs z 1/2 -> 0.5; z: vs x 3/4, vs y 1/2 -> 0.625
+    assert order(text) == ["z", "y", "x"]
+    assert "| z | 0.62 | 1.50 | 1 | 2 |" in text and "| x | 0.38 | 2.00 | 1 | 3 |" in text
     text = ranking(tables, "d", "higher", ["x", "y", "z"])
-    assert "| x | 1.50 | 2 | 1 |" in text and "| y | 2.00 | 1 | 3 |" in text  # ties (x, z in a) share rank 2
+    assert order(text) == ["x", "y", "z"]
+    assert "| x | 0.62 | 1.50 | 2 | 1 |" in text and "| y | 0.50 | 2.00 | 1 | 3 |" in text  # x, z tie in a: rank 2
+
+
+def test_ranking_compares_a_method_on_some_settings_only_where_it_ran():
+    """w runs on setting a only (``only_on``), second there behind x and ahead of y: its mean rank (2.0) trails y's
+    (1.67, from the settings w skipped), but head to head it beat y where both ran: win rates x 2/3, w 1/2, y 1/3."""
+    from iif.reproduce import ranking
+
+    tables = {"a": {"d": {"x": 1.0, "w": 2.0, "y": 3.0}}, "b": {"d": {"x": 2.0, "y": 1.0}},
+              "c": {"d": {"x": 2.0, "y": 1.0}}}
+    text = ranking(tables, "d", "lower", ["x", "y", "w"])
+    rows = [r for r in text.splitlines() if r.startswith("| ") and "mean rank" not in r]
+    assert rows == ["| x | 0.67 | 1.67 | 1 | 2 | 2 |", "| w | 0.50 | 2.00 | 2 | – | – |",
+                    "| y | 0.33 | 1.67 | 3 | 1 | 1 |"]
 
 
 def test_methods_allowed_to_fail_are_listed_not_fatal(tmp_path, monkeypatch):
