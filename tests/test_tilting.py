@@ -317,6 +317,30 @@ def test_e7b_escorted_works_along_the_sampler():
             assert abs(traj.x0.mean().item() - B * S2) > 0.1
 
 
+@pytest.mark.usefixtures("float64_default")
+def test_nets_own_log_z_estimates_at_the_exact_transport():
+    """``NETS.log_z_estimates`` (what the evaluators report for NETS beside the path works' estimates) at the exact
+    correction and free energy of the 1-D problem: ``log_z_nets = F(0)`` is the closed form ``B^2 S2 / 2``; the escorted
+    estimate is within the left-point rule's bias (0.0114 at K = 50, E7(b)) with every path's work equal (ESS 1);
+    ``own_log_z_metrics`` adds each estimate's error against a given exact value; 0 paths or a method without an
+    estimator of its own give none."""
+    from iif.methods.base import Method
+    from iif.metrics.log_z import own_log_z_metrics
+
+    log_z = 0.5 * B ** 2 * S2
+    method = _nets_1d(ExactControl(), 50)
+    method.guidance.free_energy = lambda t: 0.5 * (1 - t) ** 2 * B ** 2 * _var(t)
+    torch.manual_seed(0)
+    own = own_log_z_metrics(method, 300, log_z)
+    assert set(own) == {"log_z_nets", "log_z_escorted", "escorted_ess_frac", "log_z_error_nets",
+                        "log_z_error_escorted"}
+    assert own["log_z_nets"] == pytest.approx(log_z, abs=1e-12) and own["log_z_error_nets"] == pytest.approx(0, abs=1e-12)
+    assert 0.005 < log_z - own["log_z_escorted"] < 0.02 and own["escorted_ess_frac"] == pytest.approx(1.0)
+    assert own["log_z_error_escorted"] == pytest.approx(own["log_z_escorted"] - log_z)
+    assert own_log_z_metrics(method, 0, log_z) == {}
+    assert Method.log_z_estimates(method, 300) == {}  # the default: no estimator of its own
+
+
 class SOCPath:
     """The SOC path of the 1-D problem, ``r_t = log h_t`` with ``h_t(x) = E[e^{B X_0} | X_t = x]``: ``X_0 | x ~ N(alpha
     S2 x / V, S2 sigma^2 / V)``, so ``log h_t = B alpha S2 x / V + B^2 S2 sigma^2 / (2 V)`` (test-local)."""
@@ -404,11 +428,16 @@ def test_sampling_methods_reach_the_gaussian_target(method, tmp_path):
         first, last = logged[0], logged[-1]
         assert abs(last["log_z_nets"] - LOG_Z_SAMPLE_GAUSSIAN) < 0.1, last
         assert last["loss"] < 0.1 * first["loss"], (first, last)  # E7(d): the PINN loss falls (4.9 -> 0.14 here)
+        # the final evaluation reports them as errors against the exact log Z
+        assert out["log_z_nets"] - out["log_z_error_nets"] == pytest.approx(LOG_Z_SAMPLE_GAUSSIAN)
+        assert abs(out["log_z_error_nets"]) < 0.1, out
         if method == "nets":  # E7(d): the escorted works' ESS -> 1 (0.69 -> 0.98 here), their estimate -> log Z
             assert last["escorted_ess_frac"] > 0.9 and first["escorted_ess_frac"] < last["escorted_ess_frac"], last
             assert abs(last["log_z_escorted"] - LOG_Z_SAMPLE_GAUSSIAN) < 0.1, last
+            assert out["escorted_ess_frac"] > 0.9 and abs(out["log_z_error_escorted"]) < 0.1, out
     else:
         assert out["kl_gap"] < 0.3, out
+        assert "log_z_error_nets" not in out and "log_z_error_escorted" not in out, out
 
 
 class LinearReward2D(Reward):

@@ -72,6 +72,12 @@ class Method(abc.ABC):
         log_p = self.path_log_prob(states)
         return None if log_p is None else log_q.cpu() - log_p.cpu()
 
+    def log_z_estimates(self, n: int) -> dict[str, float]:
+        """The method's own estimates of ``log Z``, named ``log_z_<estimator>`` (with any diagnostics), from ``n``
+        fresh paths where they need some: e.g. NETS' free energy and its escorted works. The path works' Jarzynski,
+        Crooks and BAR estimates, which every method with a path density has, are the evaluators'. None here."""
+        return {}
+
     def conditions_for(self, n: int, cond: Tensor | None = None) -> Tensor | None:
         """``cond`` on the base's device, or ``n`` conditions drawn from :attr:`conditions`."""
         cond = self.conditions.sample(n) if cond is None else cond

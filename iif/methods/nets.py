@@ -191,9 +191,25 @@ class NETS(FineTuned):
         return {"loss": sum(losses) / n, "log_z_nets": log_z, **escorted, "grad_norm": sum(norms) / n,
                 "lr": self.trainer.lr}
 
-    def _escorted_estimate(self, traj, cond: Tensor | None) -> dict[str, float]:
-        """Jarzynski's ``log Z`` from the escorted works of the first ``escorted_paths`` paths of ``traj``, and the
-        works' effective sample size as a fraction (the evaluators' estimators, ``iif.metrics.log_z``)."""
-        m = min(self.escorted_paths, traj.states.shape[1])
-        works = self.escorted_works(traj.states[:, :m], None if cond is None else cond[:m])
+    def _escorted_estimate(self, traj, cond: Tensor | None, m: int | None = None) -> dict[str, float]:
+        """Jarzynski's ``log Z`` from the escorted works of the first ``m`` (default ``escorted_paths``) paths of
+        ``traj``, and the works' effective sample size as a fraction (the evaluators' estimators,
+        ``iif.metrics.log_z``); the works in chunks of :attr:`WORK_CHUNK` paths (each holds a divergence's graph)."""
+        m = min(self.escorted_paths if m is None else m, traj.states.shape[1])
+        works = torch.cat([self.escorted_works(traj.states[:, i:i + self.WORK_CHUNK],
+                                               None if cond is None else cond[i:i + self.WORK_CHUNK])
+                           for i in range(0, m, self.WORK_CHUNK)])
         return {"log_z_escorted": jarzynski(works), "escorted_ess_frac": ess_frac(works)}
+
+    WORK_CHUNK = 1024
+
+    def log_z_estimates(self, n: int) -> dict[str, float]:
+        """``log_z_nets = F(0)`` (the learned free energy at the data end) and ``log_z_escorted`` (Jarzynski on the
+        escorted works of ``n`` fresh paths of the sampling weights, with ``escorted_ess_frac``)."""
+        cond = self.conditions_for(n)
+        with self.trainer.sampling_weights():
+            traj = self.sampler.sample(self.base, self.guidance, n, cond=cond, keep_states=True, accumulate_rnd=False)
+            escorted = self._escorted_estimate(traj, cond, n)
+            with torch.no_grad():
+                log_z = self.guidance.free_energy(torch.zeros(1, device=self._t.device)).item()
+        return {"log_z_nets": log_z, **escorted}

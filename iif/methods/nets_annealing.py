@@ -45,6 +45,10 @@ class AnnealedNETS(AnnealedTransport):
         return self.chain.residual(self.base, self.reward, x.detach(), s.detach(), c, div,
                                    dF_ds / self.chain.horizon)
 
+    def log_z_estimates(self, n: int) -> dict[str, float]:
+        """``log_z_nets = F(1)``, the learned free energy at the tilt (needs no paths)."""
+        return {"log_z_nets": self.log_z_estimate()}
+
     def fit_step(self, iteration: int) -> dict[str, float]:
         losses, norms = [], []
         b, n_states = self.batch_size, self.chain.n_steps + 1

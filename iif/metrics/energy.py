@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from iif.metrics.base import Evaluation, Evaluator
-from iif.metrics.log_z import log_z_report
+from iif.metrics.log_z import log_z_report, own_log_z_metrics
 from iif.metrics.toy import energy_distance
 from iif.metrics.works import forward_works, reverse_works
 from iif.plotting import toy_figure
@@ -44,10 +44,12 @@ class EnergyEvaluator(Evaluator):
             BAR (0: forward only); n_energy: samples of each side for ``energy_distance``.
         seed: evaluation seed (plus 1000 x the run's seed).
         n_plot: samples per scatter panel.
+        n_own: fresh paths for a method's own log Z estimates (``Method.log_z_estimates``: NETS' escorted works;
+            0: skip them).
     """
 
     def __init__(self, base, reward, sampler=None, n_samples: int = 10_000, n_reverse: int = 4096,
-                 n_energy: int = 2048, seed: int = 12345, n_plot: int = 4000):
+                 n_energy: int = 2048, seed: int = 12345, n_plot: int = 4000, n_own: int = 1024):
         energy = getattr(reward, "energy", None)
         if energy is None:
             raise ValueError(f"evaluation 'energy' needs an energy reward (reward=gmm_energy, gaussian_energy, "
@@ -59,9 +61,11 @@ class EnergyEvaluator(Evaluator):
             raise ValueError("evaluation needs at least 2 samples")
         if n_reverse < 0 or n_reverse == 1:
             raise ValueError(f"evaluation.n_reverse must be 0 (forward works only) or >= 2, got {n_reverse}")
+        if n_own < 0 or n_own == 1:
+            raise ValueError(f"evaluation.n_own must be 0 (off) or >= 2, got {n_own}")
         self.energy, self.reward, self.base = energy, reward, base
         self.n_samples, self.n_reverse, self.n_energy = n_samples, n_reverse, n_energy
-        self.seed, self.n_plot = seed, n_plot
+        self.seed, self.n_plot, self.n_own = seed, n_plot, n_own
 
     def log_gamma(self, x: Tensor) -> Tensor:
         """``log p_base(x) + r(x) = -E(x)``, computed as ``-E`` (no cancellation)."""
@@ -76,6 +80,7 @@ class EnergyEvaluator(Evaluator):
             traj = method.sample(self.n_samples)
             w_f = forward_works(traj, self.log_gamma)
             w_r = reverse_works(method, ref[: self.n_reverse], self.log_gamma) if self.n_reverse else None
+            own = own_log_z_metrics(method, self.n_own, float(self.energy.log_z))
         x = traj.x0.detach().cpu().double()
         e = self.energy(x)
         metrics = {
@@ -94,6 +99,7 @@ class EnergyEvaluator(Evaluator):
             metrics["kl_path"] = traj.control_cost.mean().item()
         if w_f is not None:
             metrics.update(log_z_report(w_f, w_r, self.energy.log_z).as_metrics())
+        metrics.update(own)
         return Evaluation(metrics, x, {"samples": self.figure({label: x})} if figures else {})
 
     def figure(self, panels: dict[str, Tensor]):

@@ -203,3 +203,14 @@ def log_z_report(w_forward: Tensor, w_reverse: Tensor | None = None,
             rep.log_z_error_crooks = rep.log_z_crooks - log_z_exact
             rep.log_z_error_bar = rep.log_z_bar - log_z_exact
     return rep
+
+
+def own_log_z_metrics(method, n: int, log_z_exact: float) -> dict[str, float]:
+    """The method's own ``log Z`` estimates (``Method.log_z_estimates(n)``: ``log_z_<name>`` and diagnostics) with
+    each estimate's signed error ``log_z_error_<name> = estimate - log_z_exact`` beside it; ``{}`` for ``n = 0`` or a
+    method without its own estimator."""
+    if n == 0:
+        return {}
+    own = method.log_z_estimates(n)
+    errors = {f"log_z_error_{k[len('log_z_'):]}": v - float(log_z_exact) for k, v in own.items() if k.startswith("log_z_")}
+    return {**own, **errors}

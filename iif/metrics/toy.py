@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from iif.metrics.base import Evaluation, Evaluator
-from iif.metrics.log_z import log_z_report
+from iif.metrics.log_z import log_z_report, own_log_z_metrics
 from iif.metrics.works import forward_works, reverse_works
 from iif.plotting import toy_figure
 from iif.targets import TiltedGMMTarget
@@ -60,16 +60,20 @@ class ToyEvaluator(Evaluator):
         seed: evaluation seed (a run adds its own seed, so seeds differ in their evaluation draws too).
         n_plot: samples drawn in each scatter panel of the figure.
         n_reverse: exact target paths for the reverse (Crooks) works and BAR (0: forward works only).
+        n_own: fresh paths for a method's own log Z estimates (``Method.log_z_estimates``: NETS' escorted works;
+            0: skip them).
     """
 
     def __init__(self, base, reward, sampler=None, n_samples: int = 10_000, n_energy: int = 2048, seed: int = 12345,
-                 n_plot: int = 4000, n_reverse: int = 2048):
+                 n_plot: int = 4000, n_reverse: int = 2048, n_own: int = 1024):
         if n_samples < 2 or n_energy < 2:
             raise ValueError("evaluation needs at least 2 samples")
         if n_reverse < 0 or n_reverse == 1:
             raise ValueError(f"evaluation.n_reverse must be 0 (forward works only) or >= 2, got {n_reverse}")
+        if n_own < 0 or n_own == 1:
+            raise ValueError(f"evaluation.n_own must be 0 (off) or >= 2, got {n_own}")
         self.n_samples, self.n_energy, self.seed, self.n_plot = n_samples, n_energy, seed, n_plot
-        self.n_reverse = n_reverse
+        self.n_reverse, self.n_own = n_reverse, n_own
         self.prior, self.reward = base.prior, reward
         self.target = TiltedGMMTarget(self.prior, reward)
 
@@ -81,6 +85,7 @@ class ToyEvaluator(Evaluator):
             ref = self.target.sample(max(self.n_energy, self.n_reverse), generator=torch.Generator().manual_seed(seed + 1))
             w_f = forward_works(traj, self.log_gamma)
             w_r = reverse_works(method, ref[: self.n_reverse], self.log_gamma) if self.n_reverse and w_f is not None else None
+            own = own_log_z_metrics(method, self.n_own, float(self.target.log_z))
         x = traj.x0.cpu()  # the exact target and the metrics live on the CPU
         target, reward = self.target, self.reward
         top = int(torch.argmax(reward(target.prior.means)))
@@ -97,6 +102,7 @@ class ToyEvaluator(Evaluator):
             metrics["kl_path"] = traj.control_cost.mean().item()
         if w_f is not None:
             metrics.update(log_z_report(w_f, w_r, float(target.log_z)).as_metrics())
+        metrics.update(own)
         return Evaluation(metrics, x, {"samples": self.figure({label: x})} if figures else {})
 
     def log_gamma(self, x: Tensor) -> Tensor:
