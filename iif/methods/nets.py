@@ -94,6 +94,7 @@ class NETS(FineTuned):
     """
 
     requires = frozenset({"differentiable_reward", "differentiable_base", "per_step_kernels"})
+    WORK_CHUNK = 1024  # paths per escorted-works pass (each holds a divergence's graph)
 
     def __init__(self, base, reward, sampler, guidance, buffer=None, conditions=None, *, batch_size: int = 256,
                  loss_steps: int = 8, grad_steps: int = 10, free_energy_hidden: int = 64,
@@ -196,12 +197,9 @@ class NETS(FineTuned):
         ``traj``, and the works' effective sample size as a fraction (the evaluators' estimators,
         ``iif.metrics.log_z``); the works in chunks of :attr:`WORK_CHUNK` paths (each holds a divergence's graph)."""
         m = min(self.escorted_paths if m is None else m, traj.states.shape[1])
-        works = torch.cat([self.escorted_works(traj.states[:, i:i + self.WORK_CHUNK],
-                                               None if cond is None else cond[i:i + self.WORK_CHUNK])
-                           for i in range(0, m, self.WORK_CHUNK)])
+        chunks = [slice(i, min(i + self.WORK_CHUNK, m)) for i in range(0, m, self.WORK_CHUNK)]
+        works = torch.cat([self.escorted_works(traj.states[:, c], None if cond is None else cond[c]) for c in chunks])
         return {"log_z_escorted": jarzynski(works), "escorted_ess_frac": ess_frac(works)}
-
-    WORK_CHUNK = 1024
 
     def log_z_estimates(self, n: int) -> dict[str, float]:
         """``log_z_nets = F(0)`` (the learned free energy at the data end) and ``log_z_escorted`` (Jarzynski on the
