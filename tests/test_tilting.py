@@ -508,10 +508,55 @@ def test_e7a_reward_annealing_works_identities():
         RewardAnnealing.check(torch.nn.Module())
 
 
-def test_brownian_base_chain_bridge_and_exact_works():
-    """The Brownian base with a point start (``base_model=brownian``, ``sampler=brownian``): the unguided chain is
-    Brownian motion from 0 (per-coordinate variance ``nu tau`` at every step); the noising path from a fixed ``x_0`` is
-    the Brownian bridge ``N(tau x_0, nu tau (1 - tau))`` (§9.4); the base's noise prediction equals the Gaussian
+def _nu_reference(tau: float, noise_ratio: float, nu_1: float = 1.0) -> float:
+    """``int_0^tau sigma_B(s)^2 ds`` by the trapezoid rule on 20001 points: constant ``sigma_B^2 = nu_1``, or adjoint
+    sampling's ``sigma_B(s) = sigma_min rho^(1 - s) sqrt(2 log rho)`` with ``sigma_min^2 = nu_1 / (rho^2 - 1)``."""
+    s = torch.linspace(0, tau, 20001, dtype=torch.float64)
+    if noise_ratio == 1:
+        return nu_1 * tau
+    rho = torch.tensor(noise_ratio, dtype=torch.float64)
+    sigma_sq = nu_1 / (rho ** 2 - 1) * rho ** (2 * (1 - s)) * 2 * torch.log(rho)
+    return torch.trapezoid(sigma_sq, s).item()
+
+
+def test_geometric_brownian_bridge_coefficients():
+    """The geometric schedule's path (``BrownianBridge(nu_1, noise_ratio)``) against adjoint sampling's formula: ``nu``
+    against the quadrature of ``sigma_B^2``, ``g^2`` against ``sigma_B(1 - t)^2`` and against the generic
+    ``d sigma^2/dt - 2 sigma^2 d log alpha/dt`` (autograd), ``(alpha', sigma')`` against autograd; ``rho -> 1`` tends to
+    the constant schedule; a ratio below 1 is refused."""
+    from iif.schedules.brownian import BrownianBridge
+
+    nu_1, rho = 2.0, 30.0
+    path = BrownianBridge(nu_1, rho)
+    t = torch.tensor([0.0, 0.05, 0.3, 0.5, 0.8, 0.97, 1.0], dtype=torch.float64)
+    nu_ref = torch.tensor([_nu_reference(1 - v, rho, nu_1) for v in t.tolist()], dtype=torch.float64)
+    torch.testing.assert_close(path.nu(t), nu_ref, rtol=1e-7, atol=1e-9)
+    sigma_min_sq = nu_1 / (rho ** 2 - 1)
+    torch.testing.assert_close(path.diffusion_sq(t), sigma_min_sq * rho ** (2 * t) * 2 * math.log(rho))
+    tt = t[1:-1].clone().requires_grad_(True)
+    alpha, sigma = path.alpha(tt), path.sigma(tt)
+    d_alpha = torch.autograd.grad(alpha.sum(), tt, retain_graph=True)[0]
+    d_sigma = torch.autograd.grad(sigma.sum(), tt, retain_graph=True)[0]
+    d_sigma_sq = torch.autograd.grad((sigma ** 2).sum(), tt, retain_graph=True)[0]
+    d_log_alpha = torch.autograd.grad(alpha.log().sum(), tt)[0]
+    torch.testing.assert_close(path.diffusion_sq(t[1:-1]), (d_sigma_sq - 2 * sigma ** 2 * d_log_alpha).detach())
+    got_alpha, got_sigma = path.d_alpha_sigma(t[1:-1])
+    torch.testing.assert_close(got_alpha, d_alpha)
+    torch.testing.assert_close(got_sigma, d_sigma)
+    near = BrownianBridge(nu_1, 1 + 1e-6)
+    constant = BrownianBridge(nu_1)
+    for name in ("alpha", "sigma", "diffusion_sq"):
+        torch.testing.assert_close(getattr(near, name)(t), getattr(constant, name)(t), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="noise_ratio"):
+        BrownianBridge(nu_1, 0.5)
+
+
+@pytest.mark.parametrize("noise_ratio", [1.0, 50.0])
+def test_brownian_base_chain_bridge_and_exact_works(noise_ratio):
+    """The Brownian base with a point start (``base_model=brownian``, ``sampler=brownian``), constant and geometric
+    ``sigma_B``: the unguided chain is Brownian motion from 0 (per-coordinate variance ``nu_tau = int_0^tau sigma_B^2``
+    at every step, by quadrature); the noising path from a fixed ``x_0`` is the Brownian bridge
+    ``N(nu_tau / nu_1 x_0, nu_tau (nu_1 - nu_tau) / nu_1)`` (§9.4); the base's noise prediction equals the Gaussian
     mixture formula on the same path; and with a non-trivial guidance the path works, started at the point (no prior
     density), still give the exact log Z both ways."""
     from iif.base_models.brownian import BrownianBase
@@ -519,16 +564,18 @@ def test_brownian_base_chain_bridge_and_exact_works():
 
     torch.manual_seed(0)
     prior = GMM.isotropic([[0.0, 0.0]], var=1.0)
-    base, sampler = BrownianBase(prior), BrownianSampler(20)
+    base, sampler = BrownianBase(prior, noise_ratio), BrownianSampler(20)
     reward = EnergyReward(QuadraticEnergy(M.tolist(), P.tolist()), prior)
     states = sampler.sample(base, None, 20_000, keep_states=True).states  # x_N = 0, ..., x_0
     assert states[0].abs().max() == 0
     for i in (5, 10, 20):  # tau = i / 20
-        torch.testing.assert_close(states[i].var(0), torch.full((2,), i / 20), rtol=0.05, atol=0)
+        torch.testing.assert_close(states[i].var(0), torch.full((2,), _nu_reference(i / 20, noise_ratio)), rtol=0.05,
+                                   atol=0)
+    nu = _nu_reference(0.5, noise_ratio)
     x0 = torch.tensor([1.5, -0.5]).expand(20_000, 2)
     bridge = sampler.noising_path(base, x0)[0][10]  # tau = 1/2
-    torch.testing.assert_close(bridge.mean(0), 0.5 * x0[0], rtol=0, atol=0.02)
-    torch.testing.assert_close(bridge.var(0), torch.full((2,), 0.25), rtol=0.05, atol=0)
+    torch.testing.assert_close(bridge.mean(0), nu * x0[0], rtol=0, atol=0.02)
+    torch.testing.assert_close(bridge.var(0), torch.full((2,), nu * (1 - nu)), rtol=0.05, atol=0)
     t = torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64)
     x = torch.randn(3, 2)
     torch.testing.assert_close(base.eps(x, t), GMMExact(prior, base.schedule).eps(x, t), rtol=1e-5, atol=1e-6)
@@ -554,13 +601,16 @@ def test_brownian_base_chain_bridge_and_exact_works():
 
 
 @pytest.mark.slow
-def test_adjoint_sampling_on_the_brownian_base(tmp_path):
-    """Adjoint sampling in its own setting: the Brownian base from 0, where the lean adjoint is constant along the
-    path (every transport matrix is the identity), reaches the 2-D Gaussian target in 8 iterations."""
+@pytest.mark.parametrize("noise_ratio", [1, 20])
+def test_adjoint_sampling_on_the_brownian_base(tmp_path, noise_ratio):
+    """Adjoint sampling in its own setting: the Brownian base from 0 (constant and geometric ``sigma_B``), where the
+    lean adjoint is constant along the path (every transport matrix is the identity), reaches the 2-D Gaussian target
+    in 8 iterations."""
     from iif.build import build
 
     overrides = ["experiment=sample_gaussian", "base_model=brownian", "sampler=brownian", "method=as", "logger=none",
-                 "iterations=8", "evaluation.n_samples=4000", "evaluation.n_reverse=2000", "torch_threads=1"]
+                 "iterations=8", "evaluation.n_samples=4000", "evaluation.n_reverse=2000", "torch_threads=1",
+                 f"base_model.noise_ratio={noise_ratio}"]
     cfg, choices = compose(overrides)
     transport = build(cfg).method._transport
     torch.testing.assert_close(transport, torch.eye(2).expand_as(transport))

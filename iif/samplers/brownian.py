@@ -1,5 +1,5 @@
 """``brownian``: the Brownian base's own chain (adjoint sampling's reference process, docs/tilting.md §1): from the
-point ``x_N = 0``, ``x_s = x_t + Delta + sqrt(nu_1 (t - s)) z`` on the uniform grid, guided in score units."""
+point ``x_N = 0``, ``x_s = x_t + Delta + sqrt(nu(s) - nu(t)) z`` on the uniform grid, guided in score units."""
 from __future__ import annotations
 
 import torch
@@ -13,7 +13,7 @@ class BrownianKernel(Kernel):
     """The step ``x_t -> x_s`` (``s < t``; generative time advances by ``t - s``) of ``dX = sigma_B dB``:
 
     1. ``mu^0(x) = x``                       (zero drift: the base needs no network)
-    2. ``c^2 = nu_1 (t - s)``
+    2. ``c^2 = nu(s) - nu(t)``               (``int sigma_B^2`` over the step: the increment's exact variance)
     3. ``Delta = c^2 h``                     (the guided SDE ``dX = sigma_B^2 h dtau + sigma_B dB``; adjoint sampling's
        control ``u = sigma_B h``)
 
@@ -21,9 +21,9 @@ class BrownianKernel(Kernel):
     into the point start at ``t = 1``.
     """
 
-    def __init__(self, t: float, s: float, nu_1: float):
+    def __init__(self, t: float, s: float, var: float):
         self.t, self.s = t, s
-        self.var = nu_1 * (t - s)
+        self.var = var
         self.std = self.var ** 0.5
         self.shift_coef = self.var
 
@@ -46,8 +46,9 @@ class BrownianSampler(Sampler):
 
     def kernels(self, base) -> list[BrownianKernel]:
         path = base.schedule
-        if not path.point_start or not hasattr(path, "nu_1"):
+        if not path.point_start or not hasattr(path, "nu"):
             raise ValueError(f"sampler=brownian is the chain of the Brownian base (base_model=brownian); the base "
                              f"model's path is {path!r}")
         t = path.grid(self.n_steps)
-        return [BrownianKernel(float(t[k]), float(t[k - 1]), path.nu_1) for k in range(self.n_steps, 0, -1)]
+        nu = path.nu(t)
+        return [BrownianKernel(float(t[k]), float(t[k - 1]), float(nu[k - 1] - nu[k])) for k in range(self.n_steps, 0, -1)]
