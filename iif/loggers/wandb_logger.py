@@ -48,10 +48,11 @@ class WandbLogger:
         self.run.log({key: wandb.Image(fig)}, step=step)
 
     def finish(self, exit_code: int = 0) -> None:
-        """Finish the run; on return its run file is complete. ``run.finish`` only informs the W&B service, which
-        closes the file (flushing its last 32 KiB block) later, so a reader right after it could find the file
-        without its records; stopping the service waits for that. A service still serving another run of this
-        process (a notebook's own run) is left running."""
+        """Finish the run; on return its run file is complete. ``run.finish`` ends by only informing the W&B service
+        (wandb 0.31: ``inform_finish`` is published, not awaited), which closes the file later, so a reader right
+        after it could find the file without its records (seen once in CI: no run record); stopping the service
+        (``wandb.teardown``, which waits for its process) closes it first. A service still serving another run of
+        this process (a notebook's own run) is left running."""
         if self.run is not None:
             import wandb
 
