@@ -1,7 +1,7 @@
 """``brownian``: the Brownian base with a point start, adjoint sampling's reference process (Havens et al. 2025;
 docs/tilting.md §1, "The Brownian base"): ``X_0 = 0``, ``dX = sigma_B dB`` in generative time, so its data law is
-``N(0, nu_1 I)``, ``nu_1 = int sigma_B^2`` (constant or geometric ``sigma_B``), on the Brownian-bridge path (:class:`~iif.schedules.brownian.BrownianBridge`).
-Sampled by ``sampler=brownian`` (zero drift: the chain needs no network)."""
+``N(0, nu_1 I)``, ``nu_1 = int sigma_B^2`` (constant or geometric ``sigma_B``), on the Brownian-bridge path
+(:class:`~iif.schedules.brownian.BrownianBridge`). Sampled by ``sampler=brownian`` (zero drift: the chain needs no network)."""
 from __future__ import annotations
 
 import torch

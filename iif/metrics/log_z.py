@@ -212,5 +212,6 @@ def own_log_z_metrics(method, n: int, log_z_exact: float) -> dict[str, float]:
     if n == 0:
         return {}
     own = method.log_z_estimates(n)
-    errors = {f"log_z_error_{k[len('log_z_'):]}": v - float(log_z_exact) for k, v in own.items() if k.startswith("log_z_")}
+    errors = {f"log_z_error_{k[len('log_z_'):]}": v - float(log_z_exact)
+              for k, v in own.items() if k.startswith("log_z_")}
     return {**own, **errors}

@@ -51,4 +51,5 @@ class BrownianSampler(Sampler):
                              f"model's path is {path!r}")
         t = path.grid(self.n_steps)
         nu = path.nu(t)
-        return [BrownianKernel(float(t[k]), float(t[k - 1]), float(nu[k - 1] - nu[k])) for k in range(self.n_steps, 0, -1)]
+        return [BrownianKernel(float(t[k]), float(t[k - 1]), float(nu[k - 1] - nu[k]))
+                for k in range(self.n_steps, 0, -1)]

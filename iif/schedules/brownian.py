@@ -28,8 +28,8 @@ Tensor = torch.Tensor
 
 
 class BrownianBridge(GaussianPath):
-    """``alpha(t) = nu(t) / nu_1``, ``sigma(t) = sqrt(nu(t) (nu_1 - nu(t)) / nu_1)``, uniform sampling grid ``t_k = k / N``
-    (``nu(t)``: :meth:`nu`, the base's variance at generative time ``1 - t``).
+    """``alpha(t) = nu(t) / nu_1``, ``sigma(t) = sqrt(nu(t) (nu_1 - nu(t)) / nu_1)``, uniform sampling grid
+    ``t_k = k / N`` (``nu(t)``: :meth:`nu`, the base's variance at generative time ``1 - t``).
 
     Args:
         nu_1: the data law's variance ``int_0^1 sigma_B^2`` (the Brownian base's data law is ``N(0, nu_1 I)``).
