@@ -186,11 +186,9 @@ class NETS(FineTuned):
             # 4. step
             norms.append(self.trainer.minimise(loss))
             losses.append(loss.item())
-        with torch.no_grad():
-            log_z = self.guidance.free_energy(torch.zeros(1, device=self._t.device)).item()
         n = len(losses)
-        return {"loss": sum(losses) / n, "log_z_nets": log_z, **escorted, "grad_norm": sum(norms) / n,
-                "lr": self.trainer.lr}
+        return {"loss": sum(losses) / n, "log_z_nets": self.log_z_estimate(), **escorted,
+                "grad_norm": sum(norms) / n, "lr": self.trainer.lr}
 
     def _escorted_estimate(self, traj, cond: Tensor | None, m: int | None = None) -> dict[str, float]:
         """Jarzynski's ``log Z`` from the escorted works of the first ``m`` (default ``escorted_paths``) paths of
@@ -207,7 +205,9 @@ class NETS(FineTuned):
         cond = self.conditions_for(n)
         with self.trainer.sampling_weights():
             traj = self.sampler.sample(self.base, self.guidance, n, cond=cond, keep_states=True, accumulate_rnd=False)
-            escorted = self._escorted_estimate(traj, cond, n)
-            with torch.no_grad():
-                log_z = self.guidance.free_energy(torch.zeros(1, device=self._t.device)).item()
-        return {"log_z_nets": log_z, **escorted}
+            return {"log_z_nets": self.log_z_estimate(), **self._escorted_estimate(traj, cond, n)}
+
+    @torch.no_grad()
+    def log_z_estimate(self) -> float:
+        """``F(0)``, the learned free energy at the data end."""
+        return self.guidance.free_energy(torch.zeros(1, device=self._t.device)).item()
