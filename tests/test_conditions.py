@@ -88,6 +88,29 @@ def test_nn1_sees_the_scaled_reward_gradient_and_nn2_the_raw_one():
         ConvRewardInformedGuidance(base, reward, grad_feature_scale=0.0)
 
 
+def test_nn2_scale_keeps_the_initial_h_and_shrinks_nn2s_steps():
+    """``NN2(t) = s_2 MLP(t)``: at initialisation ``h = nn2_init grad r`` whatever ``s_2``; the gradient of a loss
+    on the head's bias is ``s_2 dL/dNN2``, so a step of the bias moves ``NN2`` by ``s_2^2`` times the unscaled one
+    (here ``L = sum h . grad r``, ``dL/dNN2 = sum |grad r|^2`` in closed form); a scale <= 0 is refused."""
+    from iif.rewards.superres import SuperResolutionReward
+
+    torch.manual_seed(0)
+    base = UNetBase(VPSchedule(), (1, 8, 8))
+    reward = SuperResolutionReward(factor=2, sigma_y=0.05)
+    x, x0_hat, t = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.full((2,), 0.5)
+    y = torch.randn(2, 1, 4, 4)
+    x, x0_hat, t, y = x.double(), x0_hat.double(), t.double(), y.double()
+    grad = reward.grad_log_tilt(x0_hat, y)
+    for s2 in (1.0, 0.01):
+        g = ConvRewardInformedGuidance(base, reward, cond_channels=1, nn2_init=0.3, nn2_scale=s2).double()
+        h = g(x, t, x0_hat, y)
+        torch.testing.assert_close(h, 0.3 * grad)
+        (h * grad).sum().backward()
+        torch.testing.assert_close(g.nn2.head.bias.grad, s2 * (grad ** 2).sum().reshape(1))
+    with pytest.raises(ValueError, match="nn2_scale"):
+        ConvRewardInformedGuidance(base, reward, nn2_scale=0.0)
+
+
 def test_label_and_prompt_features_are_one_hots_of_the_position_in_the_list():
     """``ClassLabels``: the one-hot of the label's position in ``classes`` (not of the label itself); ``Prompts``: of
     the prompt index; float32, ``feature_dim`` columns; ``Unconditional``: no features."""
@@ -122,3 +145,37 @@ def test_measurement_features_are_the_flattened_measurement():
 def test_a_label_outside_the_list_is_a_clear_error():
     with pytest.raises(ValueError, match=r"class label\(s\) \[4\] not in conditions.classes \[7, 2, 5\]"):
         ClassLabels([7, 2, 5]).features(torch.tensor([2, 4, 7]))
+
+
+@pytest.mark.parametrize("t", [0.05, 0.2, 0.5, 0.8])
+def test_superres_optimal_h_is_kappa_times_the_reward_gradient_at_the_tweedie_estimate(t):
+    """docs/images.md, "The size of NN2": for the base ``N(0, I)`` on the VP path and the super-resolution reward,
+    ``h*(x_t) = kappa(t) grad r(x0_hat)`` with ``kappa = alpha sigma_y^2 / (sigma_y^2 + sigma^2/4)`` and
+    ``x0_hat = alpha x_t``. Reference: the exact tilt (``ExactTiltGuidance``) of the prior by the likelihood, the
+    Gaussian ``N(mu, S)``, ``S = (I + A^T A / sigma_y^2)^-1``, ``mu = S A^T y / sigma_y^2``, with ``A`` the pooling
+    matrix read off the reward itself."""
+    from iif.gmm import GMM
+    from iif.guidance.oracle import ExactTiltGuidance
+    from iif.rewards.superres import SuperResolutionReward
+
+    torch.manual_seed(0)
+    sigma_y, shape = 0.05, (1, 4, 4)
+    d = 16
+    reward = SuperResolutionReward(factor=2, sigma_y=sigma_y)
+    # A [4, 16] column by column: the reward's own operator on the basis images (r = -|A x - y|^2 / (2 sigma_y^2))
+    eye = torch.eye(d, dtype=torch.float64)
+    a = torch.stack([torch.nn.functional.avg_pool2d(e.view(1, *shape), 2).flatten() for e in eye], dim=1)
+    y = torch.randn(1, 1, 2, 2, dtype=torch.float64)
+    cov = torch.linalg.inv(eye + a.T @ a / sigma_y ** 2)
+    mu = cov @ a.T @ y.flatten() / sigma_y ** 2
+    prior = GMM(torch.ones(1), torch.zeros(1, d), eye[None])
+    tilted = GMM(torch.ones(1), mu[None], cov[None])
+    schedule = VPSchedule()
+    x = torch.randn(5, d, dtype=torch.float64)
+    tt = torch.full((5,), t, dtype=torch.float64)
+    h_star = ExactTiltGuidance(prior, tilted, schedule)(x, tt, None)
+    alpha, sigma = schedule.alpha(tt)[:, None], schedule.sigma(tt)[:, None]
+    x0_hat = (alpha * x).view(5, *shape)
+    grad_r = reward.grad_log_tilt(x0_hat, y.expand(5, 1, 2, 2)).flatten(1).double()
+    kappa = alpha * sigma_y ** 2 / (sigma_y ** 2 + sigma ** 2 / 4)
+    torch.testing.assert_close(h_star, kappa * grad_r, rtol=1e-6, atol=1e-8)

@@ -32,22 +32,28 @@ class ConvRewardInformedGuidance(Guidance):
             the first iteration samples the base model; ``a > 0``: the paper's MNIST choice ("NN2 initialised
             constant"), the first iteration samples the base guided by ``a * grad r(x0_hat)`` (the path RND accounts
             for it).
+        nn2_scale: ``s_2``: ``NN2(t) = s_2 MLP(t)``. The optimiser moves ``MLP``'s weights by about its learning
+            rate a step (Adam), so ``NN2`` by about ``s_2`` times that: ``s_2 < 1`` resolves a coefficient of
+            ``grad r`` smaller than the learning rate (super-resolution: the optimal coefficient is about 1e-3 at high noise,
+            docs/images.md). ``nn2_init`` stays ``NN2``'s value at initialisation.
         grad_feature_scale: ``s``: NN1 sees ``s * grad r(x0_hat)`` (NN2's term keeps ``grad r``). A reward whose
             gradient is large by construction (super-resolution: ``-A^T (Ax - y) / sigma_y^2``, 400 times the residual
             at ``sigma_y = 0.05``) feeds NN1 inputs hundreds of times the size of ``x``; ``s = sigma_y^2`` makes
-            it the residual. Measured on figure2 at CI scale it did not remove seed 0's early blow-up, so the
-            experiments keep ``s = 1``.
+            it the residual. Measured on figure2 at CI scale it did not remove seed 0's early blow-up (whose cause
+            was NN2's sign, which ``nn2_scale`` mends), so the experiments keep ``s = 1``.
     """
 
     requires = frozenset({"differentiable_reward"})
 
     def __init__(self, base, reward: Reward, block_out_channels=(32, 64), layers_per_block: int = 1,
                  norm_num_groups: int = 8, num_classes: int | None = None, cond_channels: int = 0, t_dim: int = 32,
-                 nn2_hidden: int = 64, nn2_init: float = 0.0, grad_feature_scale: float = 1.0):
+                 nn2_hidden: int = 64, nn2_init: float = 0.0, grad_feature_scale: float = 1.0,
+                 nn2_scale: float = 1.0):
         super().__init__()
-        if not grad_feature_scale > 0:
-            raise ValueError(f"guidance.grad_feature_scale must be > 0, got {grad_feature_scale}")
-        self.grad_feature_scale = float(grad_feature_scale)
+        for name, value in (("grad_feature_scale", grad_feature_scale), ("nn2_scale", nn2_scale)):
+            if not value > 0:
+                raise ValueError(f"guidance.{name} must be > 0, got {value}")
+        self.grad_feature_scale, self.nn2_scale = float(grad_feature_scale), float(nn2_scale)
         self.reward, self.num_classes, self.cond_channels = reward, num_classes, cond_channels
         self.base_schedule = base.schedule
         c = base.sample_shape[0]
@@ -56,7 +62,7 @@ class ConvRewardInformedGuidance(Guidance):
         torch.nn.init.zeros_(self.nn1.conv_out.weight)
         torch.nn.init.zeros_(self.nn1.conv_out.bias)
         self.nn2 = TimeMLP(0, 1, hidden=nn2_hidden, layers=2, t_dim=t_dim, zero_init=True)
-        torch.nn.init.constant_(self.nn2.head.bias, float(nn2_init))
+        torch.nn.init.constant_(self.nn2.head.bias, float(nn2_init) / self.nn2_scale)
 
     def forward(self, x: Tensor, t: Tensor, x0_hat: Tensor, cond: Tensor | None = None) -> Tensor:
         grad_r = self.reward.grad_log_tilt(x0_hat, cond).to(x.dtype)  # [B, C, H, W]
@@ -67,5 +73,5 @@ class ConvRewardInformedGuidance(Guidance):
         elif cond is not None and self.num_classes is not None:
             labels = cond.long()
         nn1 = self.nn1(torch.cat(inputs, dim=1), network_timestep(self.base_schedule, t), class_labels=labels).sample
-        nn2 = self.nn2(x.new_zeros(x.shape[0], 0), t).view(-1, 1, 1, 1)
+        nn2 = self.nn2_scale * self.nn2(x.new_zeros(x.shape[0], 0), t).view(-1, 1, 1, 1)
         return nn1 + nn2 * grad_r
