@@ -152,8 +152,8 @@ def test_superres_optimal_h_is_kappa_times_the_reward_gradient_at_the_tweedie_es
     """docs/images.md, "The size of NN2": for the base ``N(0, I)`` on the VP path and the super-resolution reward,
     ``h*(x_t) = kappa(t) grad r(x0_hat)`` with ``kappa = alpha sigma_y^2 / (sigma_y^2 + sigma^2/4)`` and
     ``x0_hat = alpha x_t``. Reference: the exact tilt (``ExactTiltGuidance``) of the prior by the likelihood, the
-    Gaussian ``N(mu, S)``, ``S = (I + A^T A / sigma_y^2)^-1``, ``mu = S A^T y / sigma_y^2``, with ``A`` the pooling
-    matrix read off the reward itself."""
+    Gaussian ``N(mu, S)``, ``S = (I + A^T A / sigma_y^2)^-1``, ``mu = S A^T y / sigma_y^2``, with ``A`` the 2x2
+    average pooling as a matrix (torch's ``avg_pool2d`` of the basis images)."""
     from iif.gmm import GMM
     from iif.guidance.oracle import ExactTiltGuidance
     from iif.rewards.superres import SuperResolutionReward
@@ -162,7 +162,7 @@ def test_superres_optimal_h_is_kappa_times_the_reward_gradient_at_the_tweedie_es
     sigma_y, shape = 0.05, (1, 4, 4)
     d = 16
     reward = SuperResolutionReward(factor=2, sigma_y=sigma_y)
-    # A [4, 16] column by column: the reward's own operator on the basis images (r = -|A x - y|^2 / (2 sigma_y^2))
+    # A [4, 16] column by column: the pooling of each basis image
     eye = torch.eye(d, dtype=torch.float64)
     a = torch.stack([torch.nn.functional.avg_pool2d(e.view(1, *shape), 2).flatten() for e in eye], dim=1)
     y = torch.randn(1, 1, 2, 2, dtype=torch.float64)

@@ -34,8 +34,8 @@ class ConvRewardInformedGuidance(Guidance):
             for it).
         nn2_scale: ``s_2``: ``NN2(t) = s_2 MLP(t)``. The optimiser moves ``MLP``'s weights by about its learning
             rate a step (Adam), so ``NN2`` by about ``s_2`` times that: ``s_2 < 1`` resolves a coefficient of
-            ``grad r`` smaller than the learning rate (super-resolution: the optimal coefficient is about 1e-3 at high noise,
-            docs/images.md). ``nn2_init`` stays ``NN2``'s value at initialisation.
+            ``grad r`` smaller than the learning rate (super-resolution: the optimal coefficient is about 1e-3 at
+            high noise, docs/images.md). ``nn2_init`` stays ``NN2``'s value at initialisation.
         grad_feature_scale: ``s``: NN1 sees ``s * grad r(x0_hat)`` (NN2's term keeps ``grad r``). A reward whose
             gradient is large by construction (super-resolution: ``-A^T (Ax - y) / sigma_y^2``, 400 times the residual
             at ``sigma_y = 0.05``) feeds NN1 inputs hundreds of times the size of ``x``; ``s = sigma_y^2`` makes
