@@ -1,7 +1,8 @@
 """Probe of figure2's early blow-up (experiments/figure2/README.md, "What the numbers say"): run the first IIF
-iterations of one figure2 run in-process, and after each evaluate the guidance at the test measurement twice with the
-same evaluation noise: as trained, and with ``NN2`` of ``h = NN1 + NN2(t) grad r`` set to zero in the weights that
-sample (the EMA). Also prints ``NN2(t)`` on a grid of times, and the sampled paths' median and largest norms.
+iterations of one figure2 run in-process, and after each evaluate the guidance at the test measurement twice (the
+evaluator seeds its own draws, so both see the same noise): as trained, and with ``NN2`` of
+``h = NN1 + NN2(t) grad r`` set to zero in the weights that sample (the EMA). Also prints ``NN2(t)`` on a grid of
+times, and the sampled paths' median and largest norms.
 
     python scripts/figure2_nn2_probe.py --seed 0            # -> outputs/bench/figure2_nn2_probe_seed0.json
 
@@ -44,16 +45,18 @@ def main() -> None:
     method.setup()
     times = torch.linspace(0.05, 0.95, 7)
     norms: list[tuple[float, float]] = []
-    hook = guidance.register_forward_hook(
-        lambda mod, inputs, out: norms.append((inputs[0].flatten(1).norm(dim=1).median().item(),
-                                               inputs[0].flatten(1).norm(dim=1).max().item())))
+
+    def record(mod, inputs, out):  # the median and largest norm of the states x_t the guidance sees
+        norm = inputs[0].flatten(1).norm(dim=1)
+        norms.append((norm.median().item(), norm.max().item()))
+
     rows = []
     for it in range(args.iterations):
         method.fit_step(it)
-        rng = torch.get_rng_state()
         norms.clear()
+        hook = guidance.register_forward_hook(record)  # the evaluation's sampling only
         trained = evaluate(comp, cfg.seed).metrics
-        path_norms = list(norms)
+        hook.remove()
         with method.trainer.sampling_weights():
             nn2 = nn2_values(guidance, times)
         ema = method.trainer.ema if method.trainer.ema is not None else dict(guidance.named_parameters())
@@ -61,7 +64,6 @@ def main() -> None:
         with torch.no_grad():
             for k in saved:
                 ema[k].zero_()
-        torch.set_rng_state(rng)
         zeroed = evaluate(comp, cfg.seed).metrics
         with torch.no_grad():
             for k, v in saved.items():
@@ -69,11 +71,10 @@ def main() -> None:
         row = {"iteration": it + 1, "sc_loss": trained["sc_loss"], "consistency": trained["consistency"],
                "sc_loss_nn2_zero": zeroed["sc_loss"], "consistency_nn2_zero": zeroed["consistency"],
                "nn2": dict(zip([round(t, 3) for t in times.tolist()], nn2)),
-               "path_norm_median_first_last": [path_norms[0][0], path_norms[-1][0]],
-               "path_norm_max_first_last": [path_norms[0][1], path_norms[-1][1]]}
+               "path_norm_median_first_last": [norms[0][0], norms[-1][0]],
+               "path_norm_max_first_last": [norms[0][1], norms[-1][1]]}
         print(json.dumps(row), flush=True)
         rows.append(row)
-    hook.remove()
     out = Path("outputs/bench") / f"figure2_nn2_probe_seed{args.seed}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seed": args.seed, "scale": args.scale, "rows": rows}, indent=1))
