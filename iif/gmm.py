@@ -119,12 +119,15 @@ class GMM:
             ``[B, D]`` float64: ``sum_k pi_k(x) C_k^{-1} (m mu_k - x)`` with ``C_k = m^2 Sigma_k + v^2 I``.
         """
         x = x.to(torch.float64)
-        if self._iso_var is not None:  # C_k = (m^2 s_k + v^2) I
+        if self._iso_var is not None:  # C_k = (m^2 s_k + v^2) I, with no [B, K, D] temporaries
             m, v = m.to(torch.float64)[:, None], v.to(torch.float64)[:, None]
             c = m ** 2 * self._iso_var[None] + v ** 2  # [B, K]
-            diff = m[..., None] * self.means[None] - x[:, None, :]  # [B, K, D]
-            logits = torch.log(self.weights)[None] - 0.5 * ((diff ** 2).sum(-1) / c + self.dim * torch.log(c))
-            return (torch.softmax(logits, dim=-1)[..., None] * diff / c[..., None]).sum(1)
+            # |m mu_k - x|^2 expanded: float64 keeps the cancellation far below the softmax's resolution
+            sq = (m ** 2 * (self.means ** 2).sum(-1)[None] - 2 * m * (x @ self.means.T)
+                  + (x ** 2).sum(-1, keepdim=True))  # [B, K]
+            logits = torch.log(self.weights)[None] - 0.5 * (sq / c + self.dim * torch.log(c))
+            a = torch.softmax(logits, dim=-1) / c  # pi_k(x) / c_k  [B, K]
+            return m * (a @ self.means) - a.sum(-1, keepdim=True) * x  # sum_k a_k (m mu_k - x)
         m = m.to(torch.float64)[:, None, None]
         v = v.to(torch.float64)[:, None, None]
         eye = torch.eye(self.dim, dtype=torch.float64, device=x.device)
