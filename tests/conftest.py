@@ -20,10 +20,13 @@ def _cache_dir(tmp_path_factory) -> Path:
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (``make test`` runs one worker per core), one intra-op torch thread per worker: the workers
-    already fill the cores."""
+    """Under pytest-xdist (``make test`` runs one worker per core), one intra-op torch thread per worker, and one per
+    process a test starts (CLI runs, scripts, reproduce's jobs inherit ``OMP_NUM_THREADS``): the workers already fill
+    the cores. Beside one busy core, `scripts/pathwise_diagnostics.py warm` (a test's subprocess) took 9.6 s at torch's
+    default of a thread per core and 6.8 s with one."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture(autouse=True)
