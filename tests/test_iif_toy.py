@@ -2,7 +2,7 @@
 
 The paper's claims: IIF reproduces the target's mode weighting; reward-only fine-tuning (no path RND in the
 weights) collapses onto the highest-reward mode. Fixed seeds. The IIF run is the documented default command
-(about a minute on 2 CPU cores: 40 iterations of 2048 trajectories and 100 gradient steps).
+(90 s on 2 CPU cores: 40 iterations of 2048 trajectories and 100 gradient steps).
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def runs(tmp_path_factory):
 def _in_process_runs(out: dict, tmp_path_factory) -> None:
     cfg, choices = compose(["method=reward_only", "base_model=gmm_exact", "logger=none", "iterations=30"])
     out["reward_only"] = train(cfg, tmp_path_factory.mktemp("reward_only"), choices)
-    # online fine-tuning at figure1's budget (20 iterations); the best-gamma guidance
-    for method, its in (("pathwise", 20), ("cg_oracle", 30)):
+    # online fine-tuning at half figure1's budget (10 of its 20 iterations: it has plateaued by then); the best-gamma
+    # guidance
+    for method, its in (("pathwise", 10), ("cg_oracle", 30)):
         cfg, choices = compose([f"method={method}", "base_model=gmm_exact", "logger=none", f"iterations={its}"])
         out[method] = train(cfg, tmp_path_factory.mktemp(method), choices)
     cfg, choices = compose(["method=base", "base_model=gmm_exact", "logger=none"])
@@ -84,10 +85,11 @@ def test_ordering_of_the_baselines(runs):
 
 
 def test_pathwise_online_fine_tuning_moves_to_the_target(runs):
-    """The pathwise SC-loss method (STL estimator) at 20 iterations (160 optimiser steps on 256 trajectories): most
-    of the way from the base (mode_tv 0.44) to the target, and an SC loss far below the base's. It does not reach
-    the 0.05 of IIF at this budget (0.10-0.12 over the settings tried; 0.098 after 1500 steps; README "Figure 1"
-    says why: a heavy-tailed gradient on a loss that is flat in the mode weights)."""
+    """The pathwise SC-loss method (STL estimator) at 10 iterations (80 optimiser steps on 256 trajectories): most
+    of the way from the base (mode_tv 0.44, SC loss 5.44) to the target (0.117 and 4.74 here; 0.115 after
+    figure1's 20 iterations), and an SC loss far below the base's. It does not reach the 0.05 of IIF (0.10-0.12 over
+    the settings tried; 0.098 after 1500 steps; README "Figure 1" says why: a heavy-tailed gradient on a loss that
+    is flat in the mode weights)."""
     assert runs["pathwise"]["mode_tv"] < 0.16
     assert runs["pathwise"]["mode_tv"] < runs["cg_oracle"]["mode_tv"]
     assert runs["pathwise"]["sc_loss"] < runs["base"]["sc_loss"] - 0.6
