@@ -25,7 +25,7 @@ from iif.train import evaluate
 def nn2_values(guidance, times: torch.Tensor) -> list[float]:
     """``NN2(t)`` of the guidance's current weights at ``times [T]``."""
     with torch.no_grad():
-        return (guidance.nn2_scale * guidance.nn2(times.new_zeros(len(times), 0), times)).flatten().tolist()
+        return guidance.nn2_coefficient(times).flatten().tolist()
 
 
 def main() -> None:

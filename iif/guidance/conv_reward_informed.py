@@ -73,5 +73,8 @@ class ConvRewardInformedGuidance(Guidance):
         elif cond is not None and self.num_classes is not None:
             labels = cond.long()
         nn1 = self.nn1(torch.cat(inputs, dim=1), network_timestep(self.base_schedule, t), class_labels=labels).sample
-        nn2 = self.nn2_scale * self.nn2(x.new_zeros(x.shape[0], 0), t).view(-1, 1, 1, 1)
-        return nn1 + nn2 * grad_r
+        return nn1 + self.nn2_coefficient(t).view(-1, 1, 1, 1) * grad_r
+
+    def nn2_coefficient(self, t: Tensor) -> Tensor:
+        """``NN2(t) = s_2 MLP(t)``, the coefficient of ``grad r`` in ``h``: ``t [B] -> [B, 1]``."""
+        return self.nn2_scale * self.nn2(t.new_zeros(t.shape[0], 0, dtype=self.nn2.head.weight.dtype), t)
