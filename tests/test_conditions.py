@@ -142,6 +142,26 @@ def test_measurement_features_are_the_flattened_measurement():
         assert f.shape == (2, m.feature_dim(shape))
 
 
+def test_base_pairs_draw_the_base_under_the_conditions_or_measure_the_base_samples():
+    """A buffer's prefill pairs: labels (and prompts) are drawn first and the base sampled under them; a measurement
+    is taken of each base sample itself, ``y = A x_0 + sigma_y xi`` (the residual over ``sigma_y`` is standard
+    normal; against torch's ``avg_pool2d`` as ``A``)."""
+    torch.manual_seed(0)
+    seen = []
+
+    def draw(cond):
+        seen.append(cond)
+        return torch.rand(256, 1, 8, 8) * 2 - 1
+
+    x0, cond = ClassLabels([1, 7]).base_pairs(256, draw)
+    assert seen[0] is cond and set(cond.tolist()) == {1, 7} and x0.shape == (256, 1, 8, 8)
+    x0, y = Measurements(factor=2, sigma_y=0.05).base_pairs(256, draw)
+    assert seen[1] is None
+    z = (y - torch.nn.functional.avg_pool2d(x0, 2)) / 0.05
+    assert z.shape == (256, 1, 4, 4)
+    assert abs(z.mean().item()) < 0.05 and abs(z.std().item() - 1) < 0.05
+
+
 def test_a_label_outside_the_list_is_a_clear_error():
     with pytest.raises(ValueError, match=r"class label\(s\) \[4\] not in conditions.classes \[7, 2, 5\]"):
         ClassLabels([7, 2, 5]).features(torch.tensor([2, 4, 7]))

@@ -50,6 +50,13 @@ def test_mnist_superres_run_samples_the_posterior_of_one_measurement(fake_mnist,
     comp.prepare()
     y = comp.evaluator.conditions(3)
     assert y.shape == (3, 1, 4, 4) and torch.equal(y[0], y[2])
+    # the prefill pairs each base sample with its own measurement: (y - A x_0) / sigma_y ~ N(0, I) (an independent
+    # y would leave residuals of the images' own spread, about 10 sigma_y)
+    comp.method.setup()
+    x0, y = comp.method.buffer.data, comp.method.buffer.cond
+    z = ((y - torch.nn.functional.avg_pool2d(x0, 2)) / cfg.reward.sigma_y).flatten()
+    assert len(x0) == 32 and z.numel() == 512
+    assert abs(z.mean().item()) < 0.2 and abs(z.std().item() - 1) < 0.15
 
 
 def test_flowers_superres_runs_on_a_local_copy(tmp_path, monkeypatch, no_md5):  # noqa: F811

@@ -5,6 +5,7 @@ replay buffer and checkpointed like the samples themselves; the base model, the 
 from __future__ import annotations
 
 import abc
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,13 @@ class ConditionSource(abc.ABC):
 
     def bind(self, base, sampler) -> None:
         """Receive the run's base model and sampler (a source that simulates from the model, e.g. measurements)."""
+
+    def base_pairs(self, n: int, draw: Callable[[Tensor | None], Tensor]) -> tuple[Tensor, Tensor | None]:
+        """``n`` pairs (base sample ``x_0 [n, *shape]``, condition ``[n, ...]``) for a replay buffer's prefill, with
+        ``draw(cond) -> x_0`` the frozen base's unguided sampler. Here: the conditions first, then the base under
+        them (a conditional base, e.g. prompts: ``x_0 ~ p(x | c)``)."""
+        cond = self.sample(n)
+        return draw(cond), cond
 
     def feature_dim(self, sample_shape: tuple[int, ...]) -> int:
         """``F``, the width of :meth:`features` for samples of shape ``sample_shape`` (``(C, H, W)``, ``(d,)``);

@@ -46,6 +46,17 @@ class Measurements(ConditionSource):
     def sample(self, n: int) -> Tensor:
         if self.sampler is None:
             raise RuntimeError("Measurements.bind(base, sampler) must be called before sampling (iif.build does)")
-        x0 = self.sampler.sample(self.base, None, n).x0
+        return self.measure(self.sampler.sample(self.base, None, n).x0)
+
+    def measure(self, x0: Tensor) -> Tensor:
+        """``y = A x_0 + sigma_y xi``, ``xi ~ N(0, I)``: ``[B, C, H, W] -> [B, C, H/factor, W/factor]``."""
         y = self.operator(x0)
         return y + self.sigma_y * torch.randn_like(y)
+
+    def base_pairs(self, n: int, draw) -> tuple[Tensor, Tensor]:
+        """Base samples first, each with its own measurement ``y = A x_0 + sigma_y xi``: ``(x_0, y)`` is a draw of
+        the joint ``p(x_0) p(y | x_0)``, so ``x_0 | y`` follows the posterior ``p(x_0 | y)``, the tilted target of
+        the super-resolution reward at ``lambda = 1`` (docs/images.md). A base sample with an independent ``y``
+        (the default pairing) would be ``x_0 ⊥ y``, a buffer that teaches ``h`` to ignore ``y``."""
+        x0 = draw(None)
+        return x0, self.measure(x0)

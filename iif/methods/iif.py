@@ -104,11 +104,15 @@ class IIF(FineTuned):
 
     # ------------------------------------------------------------------ algorithm
     def setup(self) -> None:
-        if self.buffer.prefill > 0:  # toy: the buffer starts with samples of the pretrained model [V-paper]
+        if self.buffer.prefill > 0:  # the buffer starts with samples of the pretrained model [V-paper]
             n, ranks = self.buffer.prefill, world()
-            cond = self.conditions_for(n)
-            traj = self.sampler.sample(self.base, None, n, cond=cond, rows=ranks.shard(n))
-            self.buffer.add(ranks.gather(traj.x0, n), cond)
+
+            def draw(cond):
+                cond = None if cond is None else cond.to(self.base.device)
+                return ranks.gather(self.sampler.sample(self.base, None, n, cond=cond, rows=ranks.shard(n)).x0, n)
+
+            x0, cond = self.conditions.base_pairs(n, draw)  # measurements: each x_0 with its own y
+            self.buffer.add(x0, cond)
 
     def fit_step(self, iteration: int) -> dict[str, float]:
         rho, ranks, n = self.acceptance(iteration), world(), self.n_samples
