@@ -1,10 +1,12 @@
 """Probe of figure2's early blow-up (experiments/figure2/README.md, "What the numbers say"): run the first IIF
 iterations of one figure2 run in-process, and after each evaluate the guidance at the test measurement twice (the
-evaluator seeds its own draws, so both see the same noise): as trained, and with ``NN2`` of
-``h = NN1 + NN2(t) grad r`` set to zero in the weights that sample (the EMA). Also prints ``NN2(t)`` on a grid of
-times, and the sampled paths' median and largest norms.
+evaluator seeds its own draws, so both see the same noise): as trained, and with the learned ``s_2 MLP(t)`` of
+``h = NN1 + NN2(t) grad r`` set to zero in the weights that sample (the EMA; with ``guidance.nn2_prior`` the
+closed-form ``kappa(t)`` stays). Row 0 is the untrained guidance. Also prints ``NN2(t)`` on a grid of times, and the
+sampled paths' median and largest norms.
 
     python scripts/figure2_nn2_probe.py --seed 0            # -> outputs/bench/figure2_nn2_probe_seed0.json
+    python scripts/figure2_nn2_probe.py --seed 0 --iterations 0 -- guidance.nn2_prior=false   # the untrained h only
 
 About 2 minutes an iteration on one core at ``--scale ci``. The overrides are the spec's (``experiments/figure2``).
 """
@@ -33,10 +35,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scale", default="ci")
     parser.add_argument("--iterations", type=int, default=1, help="IIF iterations to probe (after each)")
+    parser.add_argument("overrides", nargs="*", help="config overrides after the spec's, e.g. guidance.nn2_prior=false")
     args = parser.parse_args()
     spec = load_spec("figure2")
     cfg, _ = compose(["method=iif", f"seed={args.seed}", "logger=none", "torch_threads=1",
-                      *run_overrides(spec, args.scale, method_overrides=method_overrides(spec, args.scale, "iif"))])
+                      *run_overrides(spec, args.scale, method_overrides=method_overrides(spec, args.scale, "iif")),
+                      *args.overrides])
     torch.set_num_threads(1)
     torch.manual_seed(cfg.seed)
     comp = build(cfg, torch.device("cpu"))
@@ -51,8 +55,9 @@ def main() -> None:
         norms.append((norm.median().item(), norm.max().item()))
 
     rows = []
-    for it in range(args.iterations):
-        method.fit_step(it)
+    for it in range(-1, args.iterations):
+        if it >= 0:
+            method.fit_step(it)
         norms.clear()
         hook = guidance.register_forward_hook(record)  # the evaluation's sampling only
         trained = evaluate(comp, cfg.seed).metrics

@@ -167,13 +167,16 @@ def test_a_label_outside_the_list_is_a_clear_error():
         ClassLabels([7, 2, 5]).features(torch.tensor([2, 4, 7]))
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
 @pytest.mark.parametrize("t", [0.05, 0.2, 0.5, 0.8])
-def test_superres_optimal_h_is_kappa_times_the_reward_gradient_at_the_tweedie_estimate(t):
-    """docs/images.md, "The size of NN2": for the base ``N(0, I)`` on the VP path and the super-resolution reward,
-    ``h*(x_t) = kappa(t) grad r(x0_hat)`` with ``kappa = alpha sigma_y^2 / (sigma_y^2 + sigma^2/4)`` and
-    ``x0_hat = alpha x_t``. Reference: the exact tilt (``ExactTiltGuidance``) of the prior by the likelihood, the
-    Gaussian ``N(mu, S)``, ``S = (I + A^T A / sigma_y^2)^-1``, ``mu = S A^T y / sigma_y^2``, with ``A`` the 2x2
-    average pooling as a matrix (torch's ``avg_pool2d`` of the basis images)."""
+def test_superres_optimal_h_is_kappa_times_the_reward_gradient_at_the_tweedie_estimate(t, temperature):
+    """docs/images.md, "The size of NN2": for the base ``N(0, I)`` on the VP path and the super-resolution reward at
+    temperature ``lambda``, ``h*(x_t) = kappa(t) grad (r / lambda)(x0_hat)`` with
+    ``kappa = alpha lambda sigma_y^2 / (lambda sigma_y^2 + sigma^2/4)`` and ``x0_hat = alpha x_t``; the untrained
+    ``conv_reward_informed`` guidance with ``nn2_prior`` (NN1's output is zero) is that ``h*``. Reference: the exact
+    tilt (``ExactTiltGuidance``) of the prior by the tempered likelihood, the Gaussian ``N(mu, S)``,
+    ``S = (I + A^T A / (lambda sigma_y^2))^-1``, ``mu = S A^T y / (lambda sigma_y^2)``, with ``A`` the 2x2 average
+    pooling as a matrix (torch's ``avg_pool2d`` of the basis images)."""
     from iif.gmm import GMM
     from iif.guidance.oracle import ExactTiltGuidance
     from iif.rewards.superres import SuperResolutionReward
@@ -181,13 +184,14 @@ def test_superres_optimal_h_is_kappa_times_the_reward_gradient_at_the_tweedie_es
     torch.manual_seed(0)
     sigma_y, shape = 0.05, (1, 4, 4)
     d = 16
-    reward = SuperResolutionReward(factor=2, sigma_y=sigma_y)
+    reward = SuperResolutionReward(factor=2, sigma_y=sigma_y, temperature=temperature)
     # A [4, 16] column by column: the pooling of each basis image
     eye = torch.eye(d, dtype=torch.float64)
     a = torch.stack([torch.nn.functional.avg_pool2d(e.view(1, *shape), 2).flatten() for e in eye], dim=1)
     y = torch.randn(1, 1, 2, 2, dtype=torch.float64)
-    cov = torch.linalg.inv(eye + a.T @ a / sigma_y ** 2)
-    mu = cov @ a.T @ y.flatten() / sigma_y ** 2
+    noise = temperature * sigma_y ** 2
+    cov = torch.linalg.inv(eye + a.T @ a / noise)
+    mu = cov @ a.T @ y.flatten() / noise
     prior = GMM(torch.ones(1), torch.zeros(1, d), eye[None])
     tilted = GMM(torch.ones(1), mu[None], cov[None])
     schedule = VPSchedule()
@@ -196,6 +200,18 @@ def test_superres_optimal_h_is_kappa_times_the_reward_gradient_at_the_tweedie_es
     h_star = ExactTiltGuidance(prior, tilted, schedule)(x, tt, None)
     alpha, sigma = schedule.alpha(tt)[:, None], schedule.sigma(tt)[:, None]
     x0_hat = (alpha * x).view(5, *shape)
-    grad_r = reward.grad_log_tilt(x0_hat, y.expand(5, 1, 2, 2)).flatten(1).double()
-    kappa = alpha * sigma_y ** 2 / (sigma_y ** 2 + sigma ** 2 / 4)
+    ys = y.expand(5, 1, 2, 2)
+    grad_r = reward.grad_log_tilt(x0_hat, ys).flatten(1).double()
+    kappa = alpha * noise / (noise + sigma ** 2 / 4)
     torch.testing.assert_close(h_star, kappa * grad_r, rtol=1e-6, atol=1e-8)
+    guidance = ConvRewardInformedGuidance(UNetBase(schedule, shape), reward, cond_channels=1, nn2_prior=True).double()
+    with torch.no_grad():
+        h = guidance(x.view(5, *shape), tt, x0_hat, ys)
+    torch.testing.assert_close(h.flatten(1), h_star, rtol=1e-6, atol=1e-8)
+
+
+def test_nn2_prior_needs_a_reward_with_a_gaussian_coefficient():
+    """``nn2_prior`` with a reward that has no closed-form ``kappa`` (a classifier) is one clear error at build."""
+    base = UNetBase(VPSchedule(), (1, 8, 8))
+    with pytest.raises(ValueError, match="nn2_prior=true needs .*reward 'classifier' has none"):
+        ConvRewardInformedGuidance(base, ClassifierReward([3]), nn2_prior=True)
