@@ -89,8 +89,25 @@ def solve_log_c_bisection(log_w: Tensor, rho: float, tol: float = 1e-10, max_ite
     return 0.5 * (lo + hi)
 
 
-def relaxed_rejection(log_w: Tensor, log_c: float) -> Tensor:
-    """Keep sample ``i`` iff ``log u_i <= min(0, log w_i - log c)``, ``u_i ~ U(0, 1)``: ``[N]`` bool."""
+def solve_log_c_per_group(log_w: Tensor, rho: float, group_size: int) -> Tensor:
+    """One ``log c`` per group of ``group_size`` consecutive samples, each solving its group's ``G(log c) = rho``
+    (:func:`solve_log_c`): ``log_w [N]`` -> ``[N]``, each sample's constant.
+
+    For samples drawn under a shared condition ``y`` (a measurement, a prompt), ``w = exp(r(x | y)/lambda) RND``
+    carries the condition's normaliser ``Z(y)``, which one constant for the whole batch would compare across
+    conditions: the accepted set would crowd onto the conditions with the largest ``Z(y)``. Per group the
+    normaliser cancels, every condition keeps about ``rho`` of its samples, and the accepted ``x | y`` still follows
+    ``p(x | y)`` wherever ``w < c(y)`` (docs/methods.md §3.5)."""
+    lw = log_w.detach().to(torch.float64).flatten()
+    if group_size < 1 or lw.numel() % group_size:
+        raise ValueError(f"{lw.numel()} log-weights do not split into groups of {group_size}")
+    per_group = [solve_log_c(g, rho) for g in lw.view(-1, group_size)]
+    return torch.tensor(per_group, dtype=torch.float64, device=lw.device).repeat_interleave(group_size)
+
+
+def relaxed_rejection(log_w: Tensor, log_c: float | Tensor) -> Tensor:
+    """Keep sample ``i`` iff ``log u_i <= min(0, log w_i - log c_i)``, ``u_i ~ U(0, 1)``: ``[N]`` bool (``log c`` one
+    number, or ``[N]``: each sample's)."""
     lw = log_w.to(torch.float64)
     log_u = torch.log(torch.rand(lw.shape, dtype=torch.float64, device=lw.device))
     return log_u <= torch.clamp(lw - log_c, max=0.0)

@@ -137,3 +137,40 @@ def test_reward_informed_guidance_starts_at_zero_and_learns(toy):
     assert torch.equal(h, torch.zeros_like(h))
     (h * torch.randn_like(h)).sum().backward()
     assert g.nn1.head.weight.grad.abs().sum() > 0 and g.nn2.head.weight.grad.abs().sum() > 0
+
+
+def test_samples_per_condition_draws_groups_and_one_constant_each(toy):
+    """``samples_per_condition = G``: an iteration draws ``N / G`` conditions, each for ``G`` consecutive
+    trajectories, and keeps about ``rho G`` of every group (here ``rho = 1/2``, ``G = 8``: the per-group constant
+    keeps some of each of the 4 conditions in every iteration's accepted set); bad values are one clear error."""
+    from iif.conditions.base import ConditionSource
+
+    class Counter(ConditionSource):
+        """Conditions 0, 1, 2, ... in the order drawn."""
+
+        def __init__(self):
+            self.drawn = 0
+
+        def sample(self, n):
+            out = torch.arange(self.drawn, self.drawn + n, dtype=torch.float32)
+            self.drawn += n
+            return out
+
+    prior, schedule, base, reward, target = toy
+    torch.manual_seed(0)
+    source = Counter()
+    method = IIF(base, reward, DDPMSampler(10), RewardInformedGuidance(base, reward), FIFOBuffer(1000, 0), source,
+                 n_samples=32, batch_size=8, grad_steps=1, acceptance=0.5, samples_per_condition=8)
+    method.setup()
+    stats = method.fit_step(0)
+    assert source.drawn == 4
+    kept = method.buffer.cond
+    assert set(kept.tolist()) == {0.0, 1.0, 2.0, 3.0} and len(kept) == round(stats["accept_rate"] * 32)
+    assert 0 < stats["ess_frac"] <= 1
+    for bad in (1, 3):
+        with pytest.raises(ValueError, match="samples_per_condition must be >= 2 and divide method.n_samples"):
+            IIF(base, reward, DDPMSampler(10), RewardInformedGuidance(base, reward), FIFOBuffer(10, 0), source,
+                n_samples=32, samples_per_condition=bad)
+    with pytest.raises(ValueError, match="conditions=none has none"):
+        IIF(base, reward, DDPMSampler(10), RewardInformedGuidance(base, reward), FIFOBuffer(10, 0),
+            n_samples=32, samples_per_condition=8)

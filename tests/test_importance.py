@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from iif.importance import expected_acceptance, relaxed_rejection, solve_log_c, solve_log_c_bisection
+from iif.importance import (expected_acceptance, relaxed_rejection, solve_log_c, solve_log_c_bisection,
+                            solve_log_c_per_group)
 
 DT = torch.float64
 RHOS = [0.05, 0.3, 0.7, 0.99]
@@ -168,3 +169,40 @@ def test_relaxed_rejection_extremes():
     torch.manual_seed(9)
     assert relaxed_rejection(lw, -1e6).all()
     assert not relaxed_rejection(lw, 1e6).any()
+
+
+def test_one_constant_per_condition_keeps_rho_of_each_and_samples_each_posterior():
+    """docs/methods.md §3.5. Proposal ``x ~ N(0, 1)`` (RND 1), ``r(x | y) = -(x - y)^2 / (2 s^2)``: the tilt is
+    ``p(x | y) = N(y / (1 + s^2), s^2 / (1 + s^2))`` and ``Z(y) = sqrt(s^2 / (1 + s^2)) exp(-y^2 / (2 (1 + s^2)))``.
+    Three conditions, ``G`` draws each, ``rho`` below every ``Z(y)`` (so ``c(y) > max w``, the exact regime). One
+    constant per group: each group's expected acceptance is ``rho`` and its kept ``x`` follow ``p(x | y)``; one
+    constant for the batch keeps the groups in the ratio of their ``Z(y)`` (``Z(3) / Z(0) = exp(-3.6)``)."""
+    torch.manual_seed(0)
+    s2, g, rho = 0.25, 50_000, 0.01
+    ys = torch.tensor([0.0, 1.5, 3.0], dtype=torch.float64)
+    x = torch.randn(3 * g, dtype=torch.float64)
+    log_w = -(x - ys.repeat_interleave(g)) ** 2 / (2 * s2)
+    log_c = solve_log_c_per_group(log_w, rho, g)
+    assert log_c.shape == (3 * g,) and torch.equal(log_c.view(3, g)[:, 0:1].expand(3, g), log_c.view(3, g))
+    alpha = torch.exp(torch.clamp(log_w - log_c, max=0.0)).view(3, g)
+    torch.testing.assert_close(alpha.mean(1), torch.full((3,), rho, dtype=torch.float64))
+    keep = relaxed_rejection(log_w, log_c).view(3, g)
+    mean, var = ys / (1 + s2), s2 / (1 + s2)
+    for j in range(3):
+        kept = x.view(3, g)[j][keep[j]]
+        assert abs(len(kept) - rho * g) < 5 * math.sqrt(rho * g)
+        assert abs(kept.mean().item() - mean[j].item()) < 5 * math.sqrt(var / len(kept))
+        assert abs(kept.var().item() / var - 1) < 0.25
+    # one constant for the batch: the groups' shares follow Z(y); y = 3 keeps about exp(-3.6) of y = 0's share
+    kept_global = relaxed_rejection(log_w, solve_log_c(log_w, rho)).view(3, g).sum(1).double()
+    assert kept_global[2] / kept_global[0] < 0.1 < (keep[2].sum() / keep[0].sum()).item()
+    with pytest.raises(ValueError, match="groups of 7"):
+        solve_log_c_per_group(log_w, rho, 7)
+
+
+def test_one_group_is_the_single_constant():
+    """``group_size = N`` is :func:`solve_log_c` (IIF's default path is unchanged)."""
+    torch.manual_seed(1)
+    log_w = 3 * torch.randn(1000, dtype=torch.float64)
+    log_c = solve_log_c_per_group(log_w, 0.3, 1000)
+    assert torch.all(log_c == solve_log_c(log_w, 0.3))

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+from iif.conditions.base import Unconditional
 from iif.distributed import world
-from iif.importance import relaxed_rejection, solve_log_c
+from iif.importance import relaxed_rejection, solve_log_c_per_group
 from iif.methods.base import FineTuned
 from iif.score_targets import Conditional, ScoreTarget, regression_error, tilted_score
 from iif.time_sampling import UniformTime
@@ -71,6 +72,9 @@ class IIF(FineTuned):
         score_target: the regression target of step 5 (``iif.score_targets``): ``Conditional`` (default, the
             paper's), ``TargetScore`` or ``Mixed`` (both need the reward's gradient at the buffer's samples and the
             base's data score, docs/tilting.md §3).
+        samples_per_condition: ``G >= 2``: step 1 draws ``N / G`` conditions, each for ``G`` trajectories, and
+            step 3 solves one ``c`` per condition, which cancels the condition's normaliser ``Z(y)`` in the weights
+            (docs/methods.md §3.5); None (default): a condition per trajectory and one ``c`` (the paper's).
     """
 
     requires = frozenset({"per_step_kernels"})  # the path RND (reward_only too: it shares the sampler path)
@@ -80,10 +84,18 @@ class IIF(FineTuned):
                  acceptance: PiecewiseConstant | float = 0.3, grad_steps: int = 100, batch_size: int = 512,
                  optimizer=None, iterations: int = 1, lr_final_factor: float = 1.0, kl_weight: float = 0.0,
                  use_rnd: bool = True, time_sampler=None, ema_decay: float = 0.0, cfg_in_loss: bool = True,
-                 score_target: ScoreTarget | None = None):
+                 score_target: ScoreTarget | None = None, samples_per_condition: int | None = None):
         for name, val in dict(n_samples=n_samples, grad_steps=grad_steps, batch_size=batch_size).items():
             if val < 1:
                 raise ValueError(f"method.{name} must be >= 1, got {val}")
+        if samples_per_condition is not None:
+            if samples_per_condition < 2 or n_samples % samples_per_condition:
+                raise ValueError(f"method.samples_per_condition must be >= 2 and divide method.n_samples "
+                                 f"({n_samples}), got {samples_per_condition}")
+            if isinstance(conditions or Unconditional(), Unconditional):
+                raise ValueError("method.samples_per_condition groups the trajectories of a condition; conditions=none "
+                                 "has none (leave it null)")
+        self.samples_per_condition = samples_per_condition
         super().__init__(base, reward, sampler, guidance, buffer, conditions, optimizer=optimizer,
                          total_steps=iterations * grad_steps, lr_final_factor=lr_final_factor, ema_decay=ema_decay)
         if kl_weight < 0:
@@ -116,8 +128,11 @@ class IIF(FineTuned):
 
     def fit_step(self, iteration: int) -> dict[str, float]:
         rho, ranks, n = self.acceptance(iteration), world(), self.n_samples
-        # 1. on-policy trajectories with the on-the-fly log-RND (no gradients): this process's rows of the N
-        cond = self.conditions_for(n)
+        # 1. on-policy trajectories with the on-the-fly log-RND (no gradients): this process's rows of the N; with
+        #    samples_per_condition = G, N/G conditions, each for G consecutive rows
+        group = self.samples_per_condition or n
+        cond = self.conditions_for(n) if self.samples_per_condition is None else \
+            self.conditions_for(n // group).repeat_interleave(group, 0)
         with self.trainer.sampling_weights():
             traj = self.sampler.sample(self.base, self.guidance, n, cond=cond, accumulate_rnd=self.use_rnd,
                                        rows=ranks.shard(n))
@@ -126,8 +141,9 @@ class IIF(FineTuned):
         log_r = ranks.gather(self.reward.log_tilt(traj.x0, traj.cond), n)
         log_rnd = ranks.gather(traj.log_rnd, n)
         log_w = log_r + log_rnd if self.use_rnd else log_r.to(torch.float64)
-        # 3. relaxed rejection with the adaptive constant (the same draws in every process)
-        log_c = solve_log_c(log_w, rho)
+        # 3. relaxed rejection with the adaptive constant, one per group of a condition (the same draws in every
+        #    process)
+        log_c = solve_log_c_per_group(log_w, rho, group)
         keep = relaxed_rejection(log_w, log_c)
         # 4. replay buffer (samples with their conditions)
         self.buffer.add(x0[keep], None if cond is None else cond[keep])
@@ -139,10 +155,11 @@ class IIF(FineTuned):
             self.trainer.minimise(loss)
             losses.append(loss.item())
         loss_mean = ranks.mean({"loss": sum(losses) / len(losses)})["loss"]
-        w = torch.softmax(log_w, 0)
+        w = torch.softmax(log_w.view(-1, group), 1)  # [N / G, G]: each group's self-normalised weights
         return {
-            "accept_rate": keep.double().mean().item(), "target_accept_rate": rho, "log_c": log_c,
-            "ess_frac": (1.0 / (w ** 2).sum() / len(w)).item(), "frac_w_above_c": (log_w > log_c).double().mean().item(),
+            "accept_rate": keep.double().mean().item(), "target_accept_rate": rho, "log_c": log_c.mean().item(),
+            "ess_frac": (1.0 / (w ** 2).sum(1) / group).mean().item(),
+            "frac_w_above_c": (log_w > log_c).double().mean().item(),
             "log_rnd_mean": log_rnd.mean().item(),
             "batch_reward_mean": (log_r * self.reward.temperature).mean().item(),
             "loss": loss_mean, "buffer_size": len(self.buffer),
