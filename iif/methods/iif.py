@@ -43,6 +43,7 @@ class IIF(FineTuned):
     1. draw ``N`` trajectories of the guided chain ``P^{h_k}``, accumulating ``log RND = log dP^0/dP^{h_k}``;
     2. importance weights ``log w = r(x_0)/lambda + log RND``            ([IIF 11–13]; reward-only: ``r/lambda``);
     3. relaxed rejection ``alpha = min(1, w/c)`` with ``c`` solving ``mean alpha = rho_k`` exactly  ([IIF 14]);
+       with ``samples_per_condition``, one ``c`` per condition's group of trajectories (docs/methods.md §3.5);
     4. push the accepted ``x_0`` into the FIFO buffer;
     5. ``M`` Adam steps on ``L_FT(h) = E ||sigma(t)(s_theta(x_t,t) + h(x_t,t)) + eps||^2``          ([IIF 15];
        the conditional score target, or the target/mixed one: ``score_target``, :meth:`loss`)

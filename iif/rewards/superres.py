@@ -68,11 +68,11 @@ class SuperResolutionReward(Reward):
         return -self.adjoint(self._residual(x, cond)) / self.sigma_y ** 2
 
     def gaussian_kappa(self, alpha: Tensor, sigma: Tensor) -> Tensor:
-        """``kappa = alpha lambda sigma_y^2 / (lambda sigma_y^2 + sigma^2 / f^2)``, the optimal h of the Gaussian base:
-        for ``X_0 ~ N(0, I)`` on the path ``x_t = alpha x_0 + sigma eps`` (``alpha^2 + sigma^2 = 1``), and this
-        reward at temperature ``lambda``, ``h*(x_t) = grad log E[exp(r(X_0 | y) / lambda) | x_t]`` is exactly
-        ``kappa(t) grad_x (r / lambda)(x0_hat | y)`` at ``x0_hat = alpha x_t`` (docs/images.md, "The size of NN2":
-        ``A X_0 | x_t ~ N(A x0_hat, sigma^2 A A^T)`` and ``A A^T = I / f^2`` for ``f x f`` average pooling).
+        """``kappa = alpha lambda sigma_y^2 / (lambda sigma_y^2 + sigma^2 / f^2)``, the coefficient of the Gaussian
+        base's optimal h: for ``X_0 ~ N(0, I)`` on the path ``x_t = alpha x_0 + sigma eps`` (``alpha^2 + sigma^2 =
+        1``), and this reward at temperature ``lambda``, ``h*(x_t) = grad log E[exp(r(X_0 | y) / lambda) | x_t]`` is
+        exactly ``kappa(t) grad_x (r / lambda)(x0_hat | y)`` at ``x0_hat = alpha x_t`` (docs/images.md, "The size of
+        NN2": ``A X_0 | x_t ~ N(A x0_hat, sigma^2 A A^T)`` and ``A A^T = I / f^2`` for ``f x f`` average pooling).
         ``alpha, sigma [B]`` -> ``[B]``."""
         noise = self.temperature * self.sigma_y ** 2
         return alpha * noise / (noise + sigma ** 2 / self.factor ** 2)
