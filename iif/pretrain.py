@@ -49,6 +49,8 @@ class Pretraining:
         seed: initialisation and data order.
         bf16: forward passes under bfloat16 autocast (CPU and CUDA).
         cache_dir: the cache's folder.
+        checkpoint_every: steps between the training-state checkpoints of :meth:`fit` (``partial.pt`` in the entry's
+            folder, removed once the weights are written); not part of the key (resuming changes no weight).
         shipped: load an entry that ships with the package (``SHIPPED``) when the cache has none; not part of the
             key (the shipped weights are the ones this configuration trains).
     """
@@ -56,12 +58,14 @@ class Pretraining:
     name = "net"
 
     def __init__(self, data, steps: int = 2000, batch_size: int = 128, lr: float = 2e-3, seed: int = 0,
-                 bf16: bool = False, cache_dir: str = "outputs/cache", shipped: bool = True):
-        if steps < 1 or batch_size < 1 or not lr > 0:
-            raise ValueError(f"pretraining needs steps >= 1, batch_size >= 1 and lr > 0, got {steps}, {batch_size}, "
-                             f"{lr}")
+                 bf16: bool = False, cache_dir: str = "outputs/cache", shipped: bool = True,
+                 checkpoint_every: int = 1000):
+        if steps < 1 or batch_size < 1 or not lr > 0 or checkpoint_every < 1:
+            raise ValueError(f"pretraining needs steps >= 1, batch_size >= 1, lr > 0 and checkpoint_every >= 1, got "
+                             f"{steps}, {batch_size}, {lr}, {checkpoint_every}")
         self.data, self.steps, self.batch_size, self.lr = data, int(steps), int(batch_size), float(lr)
         self.seed, self.bf16, self.cache_dir, self.shipped = int(seed), bool(bf16), Path(cache_dir), bool(shipped)
+        self.checkpoint_every = int(checkpoint_every)
 
     # ---- the cache
     def key(self, net: nn.Module, extra: dict | None = None) -> dict:
@@ -95,7 +99,7 @@ class Pretraining:
             return weights.parent
         log.info("pretraining %s (%d steps, batch %d); cached at %s", self.name, self.steps, self.batch_size, folder)
         t0 = time.perf_counter()
-        losses = self.fit(net, **context)
+        losses = self.fit(net, folder, **context)
         report = {"key": self.key(net, extra), "final_loss": float(sum(losses[-50:]) / len(losses[-50:])),
                   "params": sum(p.numel() for p in net.parameters()), **self.report(net, folder, **context)}
         report["wall_s"] = time.perf_counter() - t0
@@ -103,22 +107,41 @@ class Pretraining:
         _loss_figure(losses, f"{self.name}: training loss").savefig(folder / "loss.png", dpi=110)
         atomic_write_text(folder / "meta.json", json.dumps(report, indent=1))
         atomic_torch_save({k: v.detach().cpu() for k, v in net.state_dict().items()}, weights)  # last: complete
+        (folder / "partial.pt").unlink(missing_ok=True)
         log.info("%s pretrained in %.0f s: %s", self.name, report["wall_s"],
                  {k: v for k, v in report.items() if k not in ("key",)})
         return folder
 
     # ---- training
-    def fit(self, net: nn.Module, **context) -> list[float]:
-        """``steps`` Adam steps on :meth:`loss`; returns the loss of every step."""
+    def fit(self, net: nn.Module, folder: Path | None = None, **context) -> list[float]:
+        """``steps`` Adam steps on :meth:`loss`; returns the loss of every step.
+
+        With ``folder``, every ``checkpoint_every`` steps the whole training state (weights, Adam, the learning-rate
+        schedule, the data generator, the losses so far) is written atomically to ``folder/partial.pt``, and a
+        ``partial.pt`` found there is resumed from: an interrupted pretraining (a preempted job, a time limit) loses
+        at most ``checkpoint_every`` steps and ends with the weights of an uninterrupted one. The losses stay on the
+        device (one read every 50 steps for the progress bar), so a GPU is not made to wait for the host each
+        step."""
         images, labels = self.data.train()
         gen = torch.Generator().manual_seed(self.seed)
         device = next(net.parameters()).device
         net.requires_grad_(True).train()
         opt = torch.optim.Adam(net.parameters(), lr=self.lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps)
-        losses = []
-        bar = trange(self.steps, desc=f"pretrain {self.name}", disable=not progress_enabled())
-        for _ in bar:
+        losses = torch.zeros(self.steps, device=device)
+        partial = None if folder is None else Path(folder) / "partial.pt"
+        start = 0
+        if partial is not None and partial.exists():
+            state = torch.load(partial, weights_only=True, map_location=device)
+            net.load_state_dict(state["net"])
+            opt.load_state_dict(state["opt"])
+            sched.load_state_dict(state["sched"])
+            gen.set_state(state["gen"].cpu())
+            start = int(state["step"])
+            losses[:start] = state["losses"]
+            log.info("%s: resuming its pretraining at step %d of %d from %s", self.name, start, self.steps, partial)
+        bar = trange(start, self.steps, desc=f"pretrain {self.name}", disable=not progress_enabled())
+        for step in bar:
             idx = torch.randint(0, images.shape[0], (self.batch_size,), generator=gen)
             x, y = images[idx].to(device), labels[idx].to(device)
             with self.autocast(device):
@@ -127,11 +150,14 @@ class Pretraining:
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(loss.item())
-            if len(losses) % 50 == 0:
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / 50:.4f}")
+            losses[step] = loss.detach()
+            if (step + 1) % 50 == 0:
+                bar.set_postfix(loss=f"{losses[step - 49:step + 1].mean().item():.4f}")
+            if partial is not None and (step + 1) % self.checkpoint_every == 0 and step + 1 < self.steps:
+                atomic_torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                   "gen": gen.get_state(), "step": step + 1, "losses": losses[:step + 1]}, partial)
         net.requires_grad_(False).eval()
-        return losses
+        return losses.tolist()
 
     def autocast(self, device: torch.device):
         if not self.bf16:

@@ -3,6 +3,7 @@ user of that scale skips pretraining. Each shipped entry keeps its cache name (`
 configuration) and a ``meta.json`` that records the command, the seed and the library versions that made it.
 
     python scripts/ship_weights.py table1 --scale ci          # pretrains (or loads from IIF_CACHE), then copies
+    python scripts/ship_weights.py table1 --scale paper -- device=cuda   # the paper scale's, pretrained on a GPU
 
 The networks are trained as ``iif-reproduce ARTIFACT --scale SCALE --prepare-only`` would, with the shipped entries
 switched off (``shipped=false``), so the copy is what this configuration trains, never an older shipped copy. The
@@ -28,6 +29,7 @@ def pretrained_paths(spec, scale: str, extra: list[str]) -> tuple[list[Path], li
     once) and the switches used."""
     from omegaconf import OmegaConf
 
+    from iif import device as devices
     from iif.build import build
     from iif.config import compose
     from iif.reproduce import run_overrides, settings_of
@@ -39,7 +41,7 @@ def pretrained_paths(spec, scale: str, extra: list[str]) -> tuple[list[Path], li
         cfg, _ = compose(common)
         off = [f"{key}=false" for key in SWITCHES if OmegaConf.select(cfg, key) is not None]
         cfg, _ = compose([*common, *off])
-        comp = build(cfg)
+        comp = build(cfg, devices.resolve(cfg.get("device", "cpu")))  # `-- device=cuda`: pretrain on a GPU
         comp.base.prepare()
         comp.reward.prepare()
         for part in (comp.base, getattr(comp.reward, "inner", comp.reward)):

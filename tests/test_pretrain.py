@@ -44,6 +44,43 @@ def test_denoiser_pretraining_is_cached_and_reused(fake_mnist, tmp_path):
     assert other.pretrain.entry(other.net, {"x": 1}) != again.pretrain.entry(again.net, {"x": 1})
 
 
+def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_weights(fake_mnist, tmp_path):
+    """Killed between two training-state checkpoints (after step 17, the last checkpoint at step 10), a second
+    pretraining of the same configuration resumes at step 10 and ends with the weights and losses of a run that was
+    never interrupted, bit for bit; the checkpoint is gone once the weights are written."""
+    straight = _base(fake_mnist, tmp_path / "a")
+    straight.prepare()
+    (entry,) = (tmp_path / "a" / "cache").glob("denoiser-*")
+    assert not (entry / "partial.pt").exists()
+
+    interrupted = _base(fake_mnist, tmp_path / "b")
+    interrupted.pretrain.checkpoint_every = 10
+    calls = {"n": 0}
+    loss = interrupted.pretrain.loss
+
+    def dies_at_step_18(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 18:
+            raise KeyboardInterrupt  # a preemption: the process ends between checkpoints
+        return loss(*args, **kwargs)
+
+    interrupted.pretrain.loss = dies_at_step_18
+    with pytest.raises(KeyboardInterrupt):
+        interrupted.prepare()
+    (folder,) = (tmp_path / "b" / "cache").glob("denoiser-*")
+    assert folder.name == entry.name and not (folder / "weights.pt").exists()
+    assert torch.load(folder / "partial.pt", weights_only=True)["step"] == 10
+
+    resumed = _base(fake_mnist, tmp_path / "b")
+    resumed.pretrain.checkpoint_every = 10
+    resumed.prepare()
+    assert not (folder / "partial.pt").exists()
+    a, b = straight.net.state_dict(), resumed.net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta_a, meta_b = (json.loads((e / "meta.json").read_text()) for e in (entry, folder))
+    assert meta_a["final_loss"] == meta_b["final_loss"]
+
+
 def test_denoiser_loss_is_the_epsilon_loss_written_out(fake_mnist, tmp_path):
     base = _base(fake_mnist, tmp_path)
     x = torch.randn(4, 1, 8, 8)
