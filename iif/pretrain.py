@@ -66,6 +66,7 @@ class Pretraining:
         self.data, self.steps, self.batch_size, self.lr = data, int(steps), int(batch_size), float(lr)
         self.seed, self.bf16, self.cache_dir, self.shipped = int(seed), bool(bf16), Path(cache_dir), bool(shipped)
         self.checkpoint_every = int(checkpoint_every)
+        self.resumed_at = 0  # the step the last fit resumed at (0: from scratch)
 
     # ---- the cache
     def key(self, net: nn.Module, extra: dict | None = None) -> dict:
@@ -102,7 +103,9 @@ class Pretraining:
         losses = self.fit(net, folder, **context)
         report = {"key": self.key(net, extra), "final_loss": float(sum(losses[-50:]) / len(losses[-50:])),
                   "params": sum(p.numel() for p in net.parameters()), **self.report(net, folder, **context)}
-        report["wall_s"] = time.perf_counter() - t0
+        report["wall_s"] = time.perf_counter() - t0  # of this process: from the resumed step, if it resumed
+        if self.resumed_at:
+            report["resumed_at_step"] = self.resumed_at
         folder.mkdir(parents=True, exist_ok=True)
         _loss_figure(losses, f"{self.name}: training loss").savefig(folder / "loss.png", dpi=110)
         atomic_write_text(folder / "meta.json", json.dumps(report, indent=1))
@@ -130,7 +133,7 @@ class Pretraining:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps)
         losses = torch.zeros(self.steps, device=device)
         partial = None if folder is None else Path(folder) / "partial.pt"
-        start = 0
+        start = self.resumed_at = 0
         if partial is not None and partial.exists():
             state = torch.load(partial, weights_only=True, map_location=device)
             net.load_state_dict(state["net"])
@@ -139,6 +142,7 @@ class Pretraining:
             gen.set_state(state["gen"].cpu())
             start = int(state["step"])
             losses[:start] = state["losses"]
+            self.resumed_at = start
             log.info("%s: resuming its pretraining at step %d of %d from %s", self.name, start, self.steps, partial)
         bar = trange(start, self.steps, desc=f"pretrain {self.name}", disable=not progress_enabled())
         for step in bar:

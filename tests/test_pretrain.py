@@ -79,6 +79,7 @@ def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_weights(fake_mn
     assert all(torch.equal(a[k], b[k]) for k in a)
     meta_a, meta_b = (json.loads((e / "meta.json").read_text()) for e in (entry, folder))
     assert meta_a["final_loss"] == meta_b["final_loss"]
+    assert meta_b["resumed_at_step"] == 10 and "resumed_at_step" not in meta_a
 
 
 def test_denoiser_loss_is_the_epsilon_loss_written_out(fake_mnist, tmp_path):
