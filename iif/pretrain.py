@@ -66,7 +66,6 @@ class Pretraining:
         self.data, self.steps, self.batch_size, self.lr = data, int(steps), int(batch_size), float(lr)
         self.seed, self.bf16, self.cache_dir, self.shipped = int(seed), bool(bf16), Path(cache_dir), bool(shipped)
         self.checkpoint_every = int(checkpoint_every)
-        self.resumed_at = 0  # the step the last fit resumed at (0: from scratch)
 
     # ---- the cache
     def key(self, net: nn.Module, extra: dict | None = None) -> dict:
@@ -100,12 +99,12 @@ class Pretraining:
             return weights.parent
         log.info("pretraining %s (%d steps, batch %d); cached at %s", self.name, self.steps, self.batch_size, folder)
         t0 = time.perf_counter()
-        losses = self.fit(net, folder, **context)
+        losses, resumed_at = self.fit(net, folder, **context)
         report = {"key": self.key(net, extra), "final_loss": float(sum(losses[-50:]) / len(losses[-50:])),
                   "params": sum(p.numel() for p in net.parameters()), **self.report(net, folder, **context)}
         report["wall_s"] = time.perf_counter() - t0  # of this process: from the resumed step, if it resumed
-        if self.resumed_at:
-            report["resumed_at_step"] = self.resumed_at
+        if resumed_at:
+            report["resumed_at_step"] = resumed_at
         folder.mkdir(parents=True, exist_ok=True)
         _loss_figure(losses, f"{self.name}: training loss").savefig(folder / "loss.png", dpi=110)
         atomic_write_text(folder / "meta.json", json.dumps(report, indent=1))
@@ -116,8 +115,9 @@ class Pretraining:
         return folder
 
     # ---- training
-    def fit(self, net: nn.Module, folder: Path | None = None, **context) -> list[float]:
-        """``steps`` Adam steps on :meth:`loss`; returns the loss of every step.
+    def fit(self, net: nn.Module, folder: Path | None = None, **context) -> tuple[list[float], int]:
+        """``steps`` Adam steps on :meth:`loss`; returns the loss of every step and the step it resumed at (0: from
+        scratch).
 
         With ``folder``, every ``checkpoint_every`` steps the whole training state (weights, Adam, the learning-rate
         schedule, the data generator, the losses so far) is written atomically to ``folder/partial.pt``, and a
@@ -133,7 +133,7 @@ class Pretraining:
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, self.steps)
         losses = torch.zeros(self.steps, device=device)
         partial = None if folder is None else Path(folder) / "partial.pt"
-        start = self.resumed_at = 0
+        start = 0
         if partial is not None and partial.exists():
             state = torch.load(partial, weights_only=True, map_location=device)
             net.load_state_dict(state["net"])
@@ -142,7 +142,6 @@ class Pretraining:
             gen.set_state(state["gen"].cpu())
             start = int(state["step"])
             losses[:start] = state["losses"]
-            self.resumed_at = start
             log.info("%s: resuming its pretraining at step %d of %d from %s", self.name, start, self.steps, partial)
         bar = trange(start, self.steps, desc=f"pretrain {self.name}", disable=not progress_enabled())
         for step in bar:
@@ -161,7 +160,7 @@ class Pretraining:
                 atomic_torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                                    "gen": gen.get_state(), "step": step + 1, "losses": losses[:step + 1]}, partial)
         net.requires_grad_(False).eval()
-        return losses.tolist()
+        return losses.tolist(), start
 
     def autocast(self, device: torch.device):
         if not self.bf16:
