@@ -122,7 +122,8 @@ class Pretraining:
         With ``folder``, every ``checkpoint_every`` steps the whole training state (weights, Adam, the learning-rate
         schedule, the data generator, the losses so far) is written atomically to ``folder/partial.pt``, and a
         ``partial.pt`` found there is resumed from: an interrupted pretraining (a preempted job, a time limit) loses
-        at most ``checkpoint_every`` steps and ends with the weights of an uninterrupted one. The losses stay on the
+        at most ``checkpoint_every`` steps and ends with the weights of an uninterrupted one. Every ``checkpoint_every``
+        steps the pace is logged too (a job without a terminal has no progress bar). The losses stay on the
         device (one read every 50 steps for the progress bar), so a GPU is not made to wait for the host each
         step."""
         images, labels = self.data.train()
@@ -143,6 +144,7 @@ class Pretraining:
             start = int(state["step"])
             losses[:start] = state["losses"]
             log.info("%s: resuming its pretraining at step %d of %d from %s", self.name, start, self.steps, partial)
+        t0 = time.perf_counter()
         bar = trange(start, self.steps, desc=f"pretrain {self.name}", disable=not progress_enabled())
         for step in bar:
             idx = torch.randint(0, images.shape[0], (self.batch_size,), generator=gen)
@@ -156,9 +158,14 @@ class Pretraining:
             losses[step] = loss.detach()
             if (step + 1) % 50 == 0:
                 bar.set_postfix(loss=f"{losses[step - 49:step + 1].mean().item():.4f}")
-            if partial is not None and (step + 1) % self.checkpoint_every == 0 and step + 1 < self.steps:
-                atomic_torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
-                                   "gen": gen.get_state(), "step": step + 1, "losses": losses[:step + 1]}, partial)
+            if (step + 1) % self.checkpoint_every == 0 and step + 1 < self.steps:
+                if partial is not None:
+                    atomic_torch_save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                                       "gen": gen.get_state(), "step": step + 1, "losses": losses[:step + 1]}, partial)
+                pace = (time.perf_counter() - t0) / (step + 1 - start)
+                log.info("pretrain %s: step %d/%d, loss %.4f, %.1f ms a step, %.0f s to go", self.name, step + 1,
+                         self.steps, losses[step + 1 - self.checkpoint_every:step + 1].mean().item(), 1e3 * pace,
+                         pace * (self.steps - step - 1))
         net.requires_grad_(False).eval()
         return losses.tolist(), start
 

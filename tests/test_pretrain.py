@@ -44,10 +44,11 @@ def test_denoiser_pretraining_is_cached_and_reused(fake_mnist, tmp_path):
     assert other.pretrain.entry(other.net, {"x": 1}) != again.pretrain.entry(again.net, {"x": 1})
 
 
-def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_weights(fake_mnist, tmp_path):
+def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_weights(fake_mnist, tmp_path, caplog):
     """Killed between two training-state checkpoints (after step 17, the last checkpoint at step 10), a second
     pretraining of the same configuration resumes at step 10 and ends with the weights and losses of a run that was
-    never interrupted, bit for bit; the checkpoint is gone once the weights are written."""
+    never interrupted, bit for bit; the checkpoint is gone once the weights are written. The resumed run logs its
+    pace at step 20 only (not at 10, where it began; not at 30, the end)."""
     straight = _base(fake_mnist, tmp_path / "a")
     straight.prepare()
     (entry,) = (tmp_path / "a" / "cache").glob("denoiser-*")
@@ -73,7 +74,11 @@ def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_weights(fake_mn
 
     resumed = _base(fake_mnist, tmp_path / "b")
     resumed.pretrain.checkpoint_every = 10
-    resumed.prepare()
+    caplog.clear()
+    with caplog.at_level("INFO", logger="iif.pretrain"):
+        resumed.prepare()
+    paces = [r.getMessage() for r in caplog.records if "ms a step" in r.getMessage()]
+    assert len(paces) == 1 and paces[0].startswith("pretrain denoiser: step 20/30, loss ")
     assert not (folder / "partial.pt").exists()
     a, b = straight.net.state_dict(), resumed.net.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
