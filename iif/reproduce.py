@@ -121,15 +121,22 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None
     return chosen
 
 
-def prepare_base(spec, scale: str, extra: list[str]) -> None:
+def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
     """Pretrain (or load) the shared base model, classifier and reference once, before parallel runs would each
-    try to; on the runs' device (``-- device=cuda``)."""
-    from iif import device as devices
-    from iif.build import build
+    try to; on the runs' device (``-- device=cuda``). With a cluster launcher (``-- launcher=slurm``: a submitit
+    one) as one job of it (``iif-prepare``; its files in ``job_dir``), not on this node: a login node may have no
+    GPU, and paper-scale pretraining is a GPU's work."""
     from iif.config import compose
+    from iif.prepare import prepare
 
-    cfg, _ = compose([*run_overrides(spec, scale, extra), "logger=none"])
-    build(cfg, devices.resolve(cfg.get("device", "cpu"))).prepare()
+    cfg, choices = compose([*run_overrides(spec, scale, extra), "logger=none"])
+    if not str(choices.get("hydra/launcher", "")).startswith("submitit"):
+        prepare(cfg, job_dir)
+        return
+    cmd = [sys.executable, "-m", "iif.prepare", "-m", *run_overrides(spec, scale, extra), "logger=none",
+           f"hydra.sweep.dir={Path(job_dir).resolve()}", "hydra.sweep.subdir=."]
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={"WANDB_SILENT": "true", **os.environ})
 
 
 def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int) -> None:
@@ -140,7 +147,7 @@ def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[
     turn, so that one multirun's start-up overlaps another's compute (a joblib pool per multirun left the cores idle
     between multiruns). A multirun is a method (one start-up for its seeds) when there are at least two methods per
     job, else a single run (figure2's two methods: no core idles while one method's seeds run in turn)."""
-    prepare_base(spec, scale, extra)
+    prepare_base(spec, scale, extra, runs_dir / "prepare")
     runs_dir = runs_dir.resolve()
     tuned = set(spec.get("tune") or {})
     per_method = jobs <= 1 or len(spec.methods) >= 2 * jobs
@@ -343,8 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics = list(spec.metrics)
     tables, sections, all_rows = {}, [], []
     if args.prepare_only:
-        for overrides in settings.values():
-            prepare_base(spec, args.scale, [*overrides, *args.overrides])
+        for setting, overrides in settings.items():
+            prepare_base(spec, args.scale, [*overrides, *args.overrides], out_dir / "runs" / setting / "prepare")
         print(f"iif-reproduce: {spec.name} --scale {args.scale} prepared in {time.perf_counter() - t0:.0f} s", flush=True)
         return 0
     for setting, overrides in settings.items():

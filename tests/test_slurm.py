@@ -264,6 +264,43 @@ def test_slurm_local_runs_the_submitit_path_without_a_cluster(tmp_path, cli_env)
     assert list(sweep.glob(".submitit/*/*_result.pkl"))
 
 
+def reproduce_prepare_only(tmp_path, monkeypatch, launcher: list[str]) -> Path:
+    """``iif-reproduce table1 --scale smoke --prepare-only -- <launcher>`` in this process, whose own
+    ``iif.prepare.prepare`` is replaced by one that fails: whatever gets prepared was prepared by a job. Returns the
+    job's folder."""
+    import iif.prepare
+    from iif.reproduce import main as reproduce
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("the submitting process prepared the runs itself")
+
+    monkeypatch.setattr(iif.prepare, "prepare", not_here)
+    monkeypatch.setenv("IIF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert reproduce(["table1", "--scale", "smoke", "--settings", "single", "--prepare-only", "--out", str(out), "--",
+                      *launcher]) == 0
+    return out / "runs" / "single" / "prepare"
+
+
+def assert_prepared_by_the_job(job_dir: Path, cache: Path) -> None:
+    """The job's ``prepared.json`` names the base model, the classifier and the reference, each complete in
+    ``cache``; submitit holds the job's result."""
+    report = json.loads((job_dir / "prepared.json").read_text())
+    names = sorted(Path(p).name.split("-")[0] for p in report["cache"])
+    assert names == ["classifier", "denoiser", "reference"] and report["device"] == "cpu"
+    assert all(Path(p).parent == cache for p in report["cache"])
+    assert all((Path(p) / f).exists() for p, f in zip(sorted(report["cache"]),
+                                                     ["weights.pt", "weights.pt", "reference.json"]))
+    assert list(job_dir.glob(".submitit/*/*_result.pkl"))
+
+
+def test_reproduce_prepares_in_a_job_of_the_launcher(tmp_path, monkeypatch, fake_mnist):
+    """With a submitit launcher (``-- launcher=slurm_local``), ``iif-reproduce``'s pretraining and reference are one
+    job of that launcher, not work of the submitting process (on a cluster: a GPU node, not the login node)."""
+    job_dir = reproduce_prepare_only(tmp_path, monkeypatch, ["launcher=slurm_local", "torch_threads=1"])
+    assert_prepared_by_the_job(job_dir, tmp_path / "cache")
+
+
 # ------------------------------------------------------------------------------------------ on Slurm
 def test_sweep_on_slurm_writes_every_run_directory(slurm_cluster, tmp_path, cli_env):
     """A two-job array (iif, reward_only) with the W&B logger: each job's run directory is complete."""
@@ -331,3 +368,26 @@ def test_timed_out_job_is_requeued_by_submitit_and_resumes(slurm_cluster, tmp_pa
     assert_resumed(sweep, before, at_least=at, iterations=100)
     log = "".join(p.read_text() for p in sweep.sweeps.glob("*/.submitit/*/*_log.out"))
     assert "this job is timed-out" in log and "(2 remaining timeouts)" in log, log[-2000:]
+
+
+def test_reproduce_on_slurm_prepares_in_a_job_then_runs_the_methods(slurm_cluster, tmp_path, monkeypatch,
+                                                                     fake_mnist):
+    """``iif-reproduce table1 -- launcher=slurm``: the preparation is a Slurm job (its sbatch script), then the runs
+    are a job array; the table is written from their run directories."""
+    name = f"iif-test-{uuid.uuid4().hex[:8]}"
+    launcher = [*SLURM, f"hydra.launcher.name={name}"]
+    try:
+        job_dir = reproduce_prepare_only(tmp_path, monkeypatch, launcher)
+        assert_prepared_by_the_job(job_dir, tmp_path / "cache")
+        assert "#SBATCH --partition=debug" in "".join(p.read_text() for p in job_dir.glob(".submitit/*/*.sh"))
+        from iif.reproduce import main as reproduce
+
+        out = tmp_path / "out"
+        assert reproduce(["table1", "--scale", "smoke", "--settings", "single", "--seeds", "0", "--methods", "base",
+                          "--out", str(out), "--", *launcher]) == 0
+    finally:
+        sh("scancel", f"--name={name}")
+    (run,) = (out / "runs" / "single").glob("base_seed0/metrics.json")
+    assert json.loads(run.read_text())["method"] == "base"
+    assert "| base |" in (out / "table.md").read_text()
+    assert list((out / "runs" / "single").glob(".submitit/*/*_submission.sh"))  # the run was a job too
