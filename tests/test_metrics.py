@@ -133,3 +133,43 @@ def test_energy_distance_shifted_normals_closed_form():
         assert ed > 0
         vals.append(ed)
     assert vals[1] > vals[0]
+
+
+def test_amortised_sc_loss_averages_over_fixed_measurements_of_test_images(fake_mnist):
+    """``sc_loss_amortised`` (evaluation=posterior, n_measurements=3): the method samples 4 paths at each of 3
+    measurements ``y_i = A x_i + sigma_y xi_i`` of test images (their residuals are the noise: ``sigma_y`` in size),
+    and the metric is the mean of ``control_cost + ||A x_0 - y_i||^2 / (2 sigma_y^2 lambda)``, written out here for
+    paths that end at ``x_0 = 0``; the same measurements at every evaluation."""
+    from types import SimpleNamespace
+
+    from iif.data.sets import MNIST
+    from iif.metrics.posterior import PosteriorEvaluator
+    from iif.rewards.superres import SuperResolutionReward
+
+    data = MNIST(str(fake_mnist), size=8)
+    reward = SuperResolutionReward(sigma_y=0.05, temperature=2.0)
+    seen = []
+
+    class Method:
+        def sample(self, n, cond):
+            seen.append(cond.clone())
+            return SimpleNamespace(x0=torch.zeros(n, 1, 8, 8), cond=cond, control_cost=torch.arange(n).double(),
+                                   nfe=1)
+
+    base = SimpleNamespace(device=torch.device("cpu"), decode=lambda x: x)
+    ev = PosteriorEvaluator(base, reward, data=data, n_samples=12, n_measurements=3)
+    m1, m2 = ev.amortised_sc_loss(Method()), ev.amortised_sc_loss(Method())
+    cond = seen[0]
+    assert cond.shape == (12, 1, 4, 4) and torch.equal(seen[0], seen[1]) and m1 == m2
+    ys = cond[::4]
+    assert all(torch.equal(cond[4 * i:4 * i + 4], ys[i].expand(4, 1, 4, 4)) for i in range(3))
+    assert len({tuple(y.flatten().tolist()) for y in ys}) == 3  # three different measurements
+    images, _ = data.test()
+    pooled = torch.nn.functional.avg_pool2d(images, 2)  # A of every test image; each y_i is one of them plus noise
+    nearest = torch.cdist(ys.flatten(1), pooled.flatten(1)).min(1).values / (0.05 * 4)  # ||xi|| / sqrt(16)
+    assert ((nearest > 0.5) & (nearest < 1.6)).all()
+    expected = torch.arange(12).double() + (cond.double() ** 2).flatten(1).sum(1) / (2 * 0.05 ** 2 * 2.0)
+    assert m1["sc_loss_amortised"] == pytest.approx(expected.mean().item(), rel=1e-6)
+    assert m1["sc_loss_amortised_se"] == pytest.approx((expected.std() / 12 ** 0.5).item(), rel=1e-6)
+    with pytest.raises(ValueError, match="must be 0 or divide evaluation.n_samples = 12, got 5"):
+        PosteriorEvaluator(base, reward, data=data, n_samples=12, n_measurements=5)
