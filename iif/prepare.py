@@ -17,9 +17,11 @@ loaded or made. Errors: one ``iif-prepare: error:`` line (exit status 2 for a ba
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -46,8 +48,9 @@ def prepare(cfg: DictConfig, out_dir: str | Path) -> dict:
     comp = build(cfg, device)
     t0 = time.perf_counter()
     comp.prepare()
-    parts = [comp.base, getattr(comp.reward, "inner", comp.reward)]
-    entries = [str(Path(p.cache_path()).parent) for p in parts if getattr(p, "cache_path", lambda: None)()]
+    paths = [getattr(part, "cache_path", lambda: None)() for part in (comp.base, getattr(comp.reward, "inner",
+                                                                                         comp.reward))]
+    entries = [str(Path(path).parent) for path in paths if path is not None]
     reference = getattr(comp.evaluator, "reference_path", lambda: None)()
     report = {"device": devices.describe(device), "wall_s": time.perf_counter() - t0,
               "cache": entries + ([str(reference)] if reference else [])}
@@ -59,11 +62,16 @@ def prepare(cfg: DictConfig, out_dir: str | Path) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
     try:
-        prepare(cfg, HydraConfig.get().runtime.output_dir)
+        prepare(cfg, out_dir)
     except (ConfigError, RunError) as e:
         if os.environ.get("SUBMITIT_EXECUTOR"):  # a job's result is its exception (as in iif.train)
             raise
+        shutil.rmtree(out_dir / ".hydra", ignore_errors=True)  # Hydra's record of a start that did nothing
+        (out_dir / "prepare.log").unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            out_dir.rmdir()  # only if empty
         print(f"iif-prepare: error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, ConfigError) else 1)
 

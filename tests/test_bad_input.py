@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from iif.config import compose
 from iif.train import train
@@ -128,3 +129,18 @@ def test_read_only_cache_with_the_weights_is_fine(tmp_path, monkeypatch):
     check_cache_writable(base, choices)  # does not probe: the weights are there
     base.prepare()
     assert all(torch.equal(a, b) for a, b in zip(base.net.state_dict().values(), torch.load(path).values()))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is that of a machine without CUDA")
+def test_prepare_on_a_device_this_machine_lacks_is_one_line(tmp_path, cli_env):
+    """``iif-prepare ... device=cuda`` without CUDA: exit status 2, one ``iif-prepare: error:`` line naming the
+    device, nothing pretrained and no output directory left."""
+    out = tmp_path / "p"
+    proc = subprocess.run([sys.executable, "-m", "iif.prepare", "experiment=mnist_class", "device=cuda",
+                           f"hydra.run.dir={out}"], env={**cli_env, "IIF_CACHE": str(tmp_path / "cache")},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("iif-prepare: error: device=cuda, but CUDA is not available")
+    assert not out.exists() and not (tmp_path / "cache").exists()
