@@ -10,12 +10,16 @@ compute nodes then run with ``HF_HUB_OFFLINE=1``. Loading code turns a missing w
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from iif.utils import ConfigError
 
 PREFETCH_HINT = "iif-prefetch <the run's overrides>"
+# diffusers (0.42) still passes huggingface_hub an argument it ignores, and every load warns about it: noise a user
+# cannot act on, printed above the one error line of a missing weight
+warnings.filterwarnings("ignore", message="The `local_dir_use_symlinks` argument is deprecated", category=UserWarning)
 
 
 class MissingWeights(ConfigError):

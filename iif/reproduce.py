@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from iif.table import aggregate, load_runs, write_tables
+from iif.utils import ConfigError, RunError
 
 ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENTS = ROOT / "experiments"
@@ -294,6 +295,20 @@ def curve(spec, runs: list[dict], out_dir: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """``iif-reproduce``: a bad config or a failed step ends with one ``iif-reproduce: error:`` line (exit status 2:
+    nothing was run; 1: a step failed), a failed run with a pointer to its own error above (the run printed it)."""
+    try:
+        return _main(argv)
+    except (ConfigError, RunError) as e:
+        print(f"iif-reproduce: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except subprocess.CalledProcessError as e:
+        step = e.cmd[2] if len(e.cmd) > 2 and e.cmd[1] == "-m" else e.cmd[0]  # iif.train, iif.prepare
+        print(f"iif-reproduce: error: {step} exited with status {e.returncode}; its error is above", file=sys.stderr)
+        return 1
+
+
+def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="iif-reproduce", description=__doc__.split("\n\n")[0])
     p.add_argument("artifact", help="folder name under experiments/, e.g. figure1")
     p.add_argument("--scale", default="ci", help="ci (CPU minutes) or paper (published sizes)")

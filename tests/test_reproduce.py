@@ -404,3 +404,15 @@ def test_only_on_runs_a_method_on_its_settings_only(tmp_path, monkeypatch):
         monkeypatch.setattr(rp, "EXPERIMENTS", bad)
         with pytest.raises(SystemExit, match=message):
             rp.load_spec("x")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the error is that of a machine without CUDA")
+def test_a_bad_config_is_one_error_line_and_exit_status_2(tmp_path, capsys):
+    """``iif-reproduce ... -- device=cuda`` without CUDA stops at the preparation with one ``iif-reproduce: error:``
+    line naming the device (not a traceback), exit status 2, and no run is started."""
+    status = reproduce(["table1", "--scale", "smoke", "--settings", "single", "--out", str(tmp_path), "--",
+                        "device=cuda"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert status == 2 and len(err) == 1
+    assert err[0].startswith("iif-reproduce: error: device=cuda, but CUDA is not available")
+    assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "table.md").exists()
