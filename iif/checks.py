@@ -55,15 +55,21 @@ def check_world(cfg: DictConfig, choices: dict[str, str], ranks: distributed.Wor
 
 def config_error_from(e: Exception) -> ConfigError | None:
     """A constructor that rejected its arguments (a ``ValueError`` naming the key, e.g. ``method.n_samples must be
-    >= 1, got 0``) is the user's error: one line, not Hydra's instantiation traceback. ``None`` for anything else
-    (a bug keeps its traceback)."""
+    >= 1, got 0``), or that was given a key it does not take (a ``TypeError``: a key the experiment set for another
+    option of the group), is the user's error: one line, not Hydra's instantiation traceback. ``None`` for anything
+    else (a bug keeps its traceback)."""
     cause = e
     while isinstance(cause, InstantiationException) and cause.__cause__ is not None:
         cause = cause.__cause__
+    key = re.search(r"full_key: (\S+)", str(e))
+    unexpected = re.search(r"(\w+)\.__init__\(\) got an unexpected keyword argument '(\w+)'", str(cause))
+    if isinstance(cause, TypeError) and key and unexpected:  # a key another option set, e.g. sampler.eta for ddpm
+        node = key.group(1)
+        return ConfigError(f"{node}.{unexpected.group(2)}: {unexpected.group(1)} takes no such argument (the key was "
+                           f"set for another option, e.g. by the experiment); remove it with ~{node}.{unexpected.group(2)}")
     if cause is e or not isinstance(cause, ValueError):
         return None
     message = " ".join(str(cause).split())
-    key = re.search(r"full_key: (\S+)", str(e))
     if key and key.group(1) not in message:
         message = f"{key.group(1)}: {message}"
     return ConfigError(message)

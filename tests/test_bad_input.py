@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from iif.build import build
 from iif.config import compose
 from iif.train import train
 from iif.utils import ConfigError, RunError
@@ -144,3 +145,15 @@ def test_prepare_on_a_device_this_machine_lacks_is_one_line(tmp_path, cli_env):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("iif-prepare: error: device=cuda, but CUDA is not available")
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_key_the_option_does_not_take_is_one_line_naming_it():
+    """``experiment=tiny_t2i`` sets ``sampler.steps_offset`` (SD's DDIM); with ``sampler=ddpm`` that key reaches a
+    constructor without it: one ConfigError naming the key and how to drop it, not Hydra's TypeError traceback."""
+    cfg, _ = compose(["experiment=tiny_t2i", "sampler=ddpm", "logger=none"])
+    with pytest.raises(ConfigError) as info:
+        build(cfg)
+    assert str(info.value) == ("sampler.steps_offset: DDPMSampler takes no such argument (the key was set for another "
+                               "option, e.g. by the experiment); remove it with ~sampler.steps_offset")
+    cfg, _ = compose(["experiment=tiny_t2i", "sampler=ddpm", "logger=none", "~sampler.steps_offset"])
+    assert type(build(cfg).method).__name__ == "IIF"  # the remedy works
