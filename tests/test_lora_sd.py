@@ -355,7 +355,8 @@ def test_lora_needs_an_adapter_host_at_start_up():
 # ---------------------------------------------------------------------------------------------- options (shared base)
 def test_memory_options_equal_the_plain_computation():
     """``cfg_chunk`` (two passes) and ``attention_slicing`` (diffusers' sliced attention) give the doubled-batch CFG
-    prediction up to float rounding, with the same evaluation count; ``cpu_offload`` and ``vae_tiling`` run."""
+    prediction up to float rounding, with the same evaluation count; ``vae_slicing`` decodes a batch to the same
+    pixels; ``cpu_offload`` and ``vae_tiling`` run."""
     x, t, cond = _state(4)
     plain = StableDiffusionBase("tiny", PROMPTS, guidance_scale=W)
     with torch.no_grad():
@@ -369,6 +370,11 @@ def test_memory_options_equal_the_plain_computation():
         torch.testing.assert_close(off.eps(x, t, cond), ref)
         big = off.decode(torch.randn(1, 4, 16, 16))  # larger than a tile: decoded in blended tiles
     assert off.vae.use_tiling and big.shape == (1, 3, 32, 32) and big.abs().max() <= 1
+    sliced = StableDiffusionBase("tiny", PROMPTS, guidance_scale=W, vae_slicing=True)  # one image at a time
+    z = torch.randn(3, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced.decode(z), plain.decode(z), rtol=1e-5, atol=1e-5)
+    assert sliced.vae.use_slicing and not plain.vae.use_slicing
     with pytest.raises(ValueError, match="base_model.attention_slicing"):
         StableDiffusionBase("tiny", PROMPTS, attention_slicing=0)
 

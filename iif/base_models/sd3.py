@@ -46,7 +46,8 @@ class SD3Base(TextToImageBase):
         max_sequence_length: T5's tokens (and the zeros' length without it).
         t_max: the sampling start (rectified flow: ``alpha(1) = 0``).
         shift: the sampling grid's time shift; None: the scheduler config's (SD3: 3).
-        gradient_checkpointing, vae_tiling, cpu_offload, cfg_chunk: memory options (:class:`TextToImageBase`).
+        gradient_checkpointing, vae_tiling, vae_slicing, cpu_offload, cfg_chunk: memory options
+            (:class:`TextToImageBase`).
         attention_slicing: the joint attention runs on slices of the batch (:class:`BatchSlicedAttention`: ``auto``
             two slices, ``max`` one sample a slice, an int that many samples a slice); None: off. diffusers 0.42 has
             no ``set_attention_slice`` for SD3's transformer; its attention already runs PyTorch's
@@ -69,7 +70,7 @@ class SD3Base(TextToImageBase):
                  latent_size: int | None = None, text_encoder_3: bool = False, max_sequence_length: int = 256,
                  t_max: float = 0.999, shift: float | None = None, gradient_checkpointing: bool = False,
                  attention_slicing=None, vae_tiling: bool = False, cpu_offload: bool = False, cfg_chunk: bool = False,
-                 seed: int = 0, prior=None):
+                 vae_slicing: bool = False, seed: int = 0, prior=None):
         texts = check_options(prompts, guidance_scale, dtype, attention_slicing)
         if latent_size is not None and latent_size < 1:
             raise ValueError(f"base_model.latent_size must be >= 1, got {latent_size}")
@@ -92,7 +93,8 @@ class SD3Base(TextToImageBase):
         size = int(latent_size or transformer.config.sample_size)
         super().__init__(parts, path, (transformer.config.in_channels, size, size), "velocity", texts, guidance_scale,
                          dtype, gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
-                         vae_tiling=vae_tiling, cpu_offload=cpu_offload, cfg_chunk=cfg_chunk)
+                         vae_tiling=vae_tiling, cpu_offload=cpu_offload, cfg_chunk=cfg_chunk,
+                         vae_slicing=vae_slicing)
         self.max_sequence_length = int(max_sequence_length)
 
     def _slice_attention(self, size) -> None:

@@ -45,7 +45,8 @@ class StableDiffusionBase(TextToImageBase):
         guidance_scale: CFG scale ``w`` (1: no CFG, one network evaluation per call).
         dtype: ``float32``, ``float16`` or ``bfloat16``: the weights and the network's arithmetic.
         latent_size: latent height and width (SD 1.5: 64, i.e. 512 px); None: the UNet's ``sample_size``.
-        gradient_checkpointing, vae_tiling, cpu_offload, cfg_chunk: memory options (:class:`TextToImageBase`).
+        gradient_checkpointing, vae_tiling, vae_slicing, cpu_offload, cfg_chunk: memory options
+            (:class:`TextToImageBase`).
         attention_slicing: diffusers' ``unet.set_attention_slice``: ``auto`` (attention in two steps over half the
             heads), ``max`` (one head at a time), or an int (that many slices of the batch-times-heads dimension at a
             time); None: off.
@@ -62,8 +63,8 @@ class StableDiffusionBase(TextToImageBase):
 
     def __init__(self, pretrained: str, prompts, guidance_scale: float = 7.5, dtype: str = "float32",
                  latent_size: int | None = None, gradient_checkpointing: bool = False, attention_slicing=None,
-                 vae_tiling: bool = False, cpu_offload: bool = False, cfg_chunk: bool = False, seed: int = 0,
-                 prior=None):
+                 vae_tiling: bool = False, cpu_offload: bool = False, cfg_chunk: bool = False,
+                 vae_slicing: bool = False, seed: int = 0, prior=None):
         texts = check_options(prompts, guidance_scale, dtype, attention_slicing)
         if latent_size is not None and latent_size < 1:
             raise ValueError(f"base_model.latent_size must be >= 1, got {latent_size}")
@@ -78,7 +79,8 @@ class StableDiffusionBase(TextToImageBase):
         super().__init__(parts, DiscreteSchedule(alphas_cumprod=scheduler.alphas_cumprod),
                          (unet.config.in_channels, size, size), PREDICTION_TYPES[pred], texts, guidance_scale, dtype,
                          gradient_checkpointing=gradient_checkpointing, attention_slicing=attention_slicing,
-                         vae_tiling=vae_tiling, cpu_offload=cpu_offload, cfg_chunk=cfg_chunk)
+                         vae_tiling=vae_tiling, cpu_offload=cpu_offload, cfg_chunk=cfg_chunk,
+                         vae_slicing=vae_slicing)
 
     def _slice_attention(self, size) -> None:
         self.unet.set_attention_slice(size)

@@ -97,6 +97,9 @@ class TextToImageBase(BaseModel):
             subclass's :meth:`_slice_attention`).
         vae_tiling: decode in overlapping tiles (``vae.enable_tiling()``): large images at bounded memory; tile seams
             are blended, so pixels differ slightly from an untiled decode.
+        vae_slicing: decode a batch one image at a time (``vae.enable_slicing()``): the decoder's activations of one
+            512 px image instead of the batch's (a training round decodes all its samples for the reward); the same
+            pixels up to float rounding.
         cpu_offload: keep the text encoders and the VAE on the CPU and only the denoiser on the run's device
             (:meth:`place`): prompts are encoded on the CPU (once per prompt), and :meth:`decode` copies the VAE's
             weights to the latents' device for the call (freed after it).
@@ -125,7 +128,7 @@ class TextToImageBase(BaseModel):
     def __init__(self, components: dict, schedule: GaussianPath, sample_shape: tuple[int, ...], prediction_type: str,
                  texts: list[str], guidance_scale: float, dtype: str, gradient_checkpointing: bool = False,
                  attention_slicing=None, vae_tiling: bool = False, cpu_offload: bool = False,
-                 cfg_chunk: bool = False):
+                 cfg_chunk: bool = False, vae_slicing: bool = False):
         super().__init__(schedule, sample_shape, prediction_type)
         for name, part in components.items():
             setattr(self, name, part)
@@ -140,6 +143,8 @@ class TextToImageBase(BaseModel):
             self._slice_attention(attention_slicing)
         if vae_tiling:
             self.vae.enable_tiling()
+        if vae_slicing:
+            self.vae.enable_slicing()
         self._embeddings: dict[int, dict[str, Tensor]] = {}  # prompt index (-1: "") -> {keyword: [...]}, on device
         self._cfg = self.evals_per_call == 2  # CFG on (off inside conditional_only())
         self._active: nn.Module | None = None  # the network predict runs inside adapter_enabled()
