@@ -448,3 +448,37 @@ def test_default_targets_hub_downloads_and_missing_weights(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(MissingWeights, match=r"base_model.pretrained: 'iif-test/no-such-sd15'.*iif-prefetch"):
         StableDiffusionBase("iif-test/no-such-sd15", PROMPTS)
+
+
+def test_a_saved_adapter_in_a_stock_pipeline_gives_the_suites_samples(tmp_path):
+    """A LoRA adapter saved by the suite and loaded into a stock ``StableDiffusionPipeline`` (``load_lora_weights``)
+    samples what the suite's DDIM sampler samples with that adapter: from the same initial latents, deterministic
+    DDIM (eta = 0, SD's leading grid with steps_offset 1), CFG scale W, the same prompt; compared on the final
+    latents (``output_type="latent"``). The whole chain: the adapter, CFG, the text encoding, the grid, the steps."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from iif.samplers.ddim import DDIMSampler
+
+    base, guidance = _build()
+    with torch.no_grad():
+        _perturb(guidance, scale=0.2)  # a trained adapter: h != 0
+    guidance.save_adapter(tmp_path / "lora")
+    sampler = DDIMSampler(N_STEPS, eta=0.0, spacing="leading", steps_offset=1)
+    torch.manual_seed(5)
+    ours = sampler.sample(base, guidance, 2, cond=torch.tensor([1, 1]), keep_states=True)
+    torch.manual_seed(5)
+    unguided = sampler.sample(base, None, 2, cond=torch.tensor([1, 1]), keep_states=True)
+    assert torch.equal(unguided.states[0], ours.states[0])
+
+    parts = tiny_components(0)  # the same weights as the suite's tiny base, a fresh copy
+    pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
+                                   unet=parts["unet"], scheduler=DDIMScheduler(**SD_SCHEDULE, steps_offset=1,
+                                                                               clip_sample=False, set_alpha_to_one=True),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.load_lora_weights(tmp_path / "lora")
+    pixels = 8 * pipe.vae_scale_factor
+    with torch.no_grad():
+        theirs = pipe([PROMPTS[1]] * 2, height=pixels, width=pixels, num_inference_steps=N_STEPS, guidance_scale=W,
+                      eta=0.0, latents=ours.states[0].clone(), output_type="latent").images
+    torch.testing.assert_close(theirs, ours.x0, rtol=1e-4, atol=1e-4)
+    assert (ours.x0 - unguided.x0).abs().max() > 100 * 1e-4  # the adapter changed the samples: the test can fail
