@@ -48,8 +48,8 @@ def prepare(cfg: DictConfig, out_dir: str | Path) -> dict:
     comp = build(cfg, device)
     t0 = time.perf_counter()
     comp.prepare()
-    paths = [getattr(part, "cache_path", lambda: None)() for part in (comp.base, getattr(comp.reward, "inner",
-                                                                                         comp.reward))]
+    parts = (comp.base, getattr(comp.reward, "inner", comp.reward))  # a latent model's reward wraps a pixel reward
+    paths = [getattr(part, "cache_path", lambda: None)() for part in parts]
     entries = [str(Path(path).parent) for path in paths if path is not None]
     reference = getattr(comp.evaluator, "reference_path", lambda: None)()
     report = {"device": devices.describe(device), "wall_s": time.perf_counter() - t0,
