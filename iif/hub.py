@@ -10,6 +10,7 @@ compute nodes then run with ``HF_HUB_OFFLINE=1``. Loading code turns a missing w
 from __future__ import annotations
 
 import os
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,15 @@ def missing_weights(what: str, repo_id: str, cause: BaseException | None = None)
                           f"{': ' + why if why else ''}); fetch every weight of this config on a machine with "
                           f"internet with `{PREFETCH_HINT}` (HF_HOME chooses the cache), or point {what} at a local "
                           "folder")
+
+
+def with_prefetch_command(error: Exception, overrides: list[str]) -> Exception:
+    """``error`` with the placeholder of :func:`missing_weights`'s remedy replaced by the command for the run at hand,
+    ``iif-prefetch <overrides>`` (quoted for a shell); any other error unchanged."""
+    if not isinstance(error, ConfigError) or PREFETCH_HINT not in str(error):  # (instantiation re-wraps the error)
+        return error
+    command = " ".join(["iif-prefetch", *(shlex.quote(o) for o in overrides)])
+    return MissingWeights(str(error).replace(PREFETCH_HINT, command))
 
 
 def hub_file(source: str, filename: str, what: str) -> Path:

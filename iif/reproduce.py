@@ -128,11 +128,15 @@ def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
     one) as one job of it (``iif-prepare``; its files in ``job_dir``), not on this node: a login node may have no
     GPU, and paper-scale pretraining is a GPU's work."""
     from iif.config import compose
+    from iif.hub import with_prefetch_command
     from iif.prepare import prepare
 
     cfg, choices = compose([*run_overrides(spec, scale, extra), "logger=none"])
     if not str(choices.get("hydra/launcher", "")).startswith("submitit"):
-        prepare(cfg, job_dir)
+        try:
+            prepare(cfg, job_dir)
+        except ConfigError as e:  # a missing hub weight: the fetch command for these runs' overrides
+            raise with_prefetch_command(e, run_overrides(spec, scale, extra)) from e
         return
     cmd = [sys.executable, "-m", "iif.prepare", "-m", *run_overrides(spec, scale, extra), "logger=none",
            f"hydra.sweep.dir={Path(job_dir).resolve()}", "hydra.sweep.subdir=."]

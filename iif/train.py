@@ -33,6 +33,7 @@ from iif.build import Components, build
 from iif.checks import check_cache_writable, check_pairing, check_sizes, check_world
 from iif.config import CONF_DIR, derived_sizes, run_name, run_tags
 from iif.faults import fault_point
+from iif.hub import with_prefetch_command
 from iif.loggers.null import NullLogger
 from iif.metrics.base import Evaluation
 from iif.probes import peak_mem_mb, reset_peak_mem
@@ -166,7 +167,8 @@ def _hydra_main(cfg: DictConfig) -> float | None:
         logging.getLogger().setLevel(logging.WARNING)
     try:
         final = train(cfg, hc.runtime.output_dir, dict(hc.runtime.choices))
-    except (ConfigError, RunError) as e:
+    except (ConfigError, RunError) as error:
+        e = with_prefetch_command(error, list(hc.overrides.task))  # a missing hub weight: the exact fetch command
         # In a submitit job (launcher=slurm|slurm_local) raise: submitit records only exceptions as a job's result,
         # and the submitting process, which sees a job die otherwise only through sacct, would wait for it forever.
         if os.environ.get("SUBMITIT_EXECUTOR"):

@@ -118,3 +118,18 @@ def test_console_script(cli_env):
                           env={**cli_env, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "THUDM/ImageReward: ImageReward.pt med_config.json  (reward.pretrained)" in proc.stdout
+
+
+def test_the_missing_weight_error_names_the_runs_own_prefetch_command():
+    """The one-line error of a missing hub weight, as it reaches the command line (re-wrapped as a plain
+    ConfigError by the instantiation), gets the run's overrides in its remedy, quoted for a shell; other errors pass
+    unchanged."""
+    from iif.hub import missing_weights, with_prefetch_command
+    from iif.utils import ConfigError
+
+    error = ConfigError(str(missing_weights("base_model.pretrained", "org/model", OSError("offline"))))
+    filled = with_prefetch_command(error, ["experiment=sd15_imagereward", 'conditions.prompts=["A cat."]'])
+    assert "`iif-prefetch experiment=sd15_imagereward 'conditions.prompts=[\"A cat.\"]'`" in str(filled)
+    assert "<the run's overrides>" not in str(filled) and isinstance(filled, ConfigError)
+    other = ConfigError("method.n_samples must be >= 1, got 0")
+    assert with_prefetch_command(other, ["x=1"]) is other
