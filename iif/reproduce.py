@@ -136,7 +136,10 @@ def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
         try:
             prepare(cfg, job_dir)
         except ConfigError as e:  # a missing hub weight: the fetch command for these runs' overrides
-            raise with_prefetch_command(e, run_overrides(spec, scale, extra)) from e
+            filled = with_prefetch_command(e, run_overrides(spec, scale, extra))
+            if filled is e:
+                raise
+            raise filled from e
         return
     cmd = [sys.executable, "-m", "iif.prepare", "-m", *run_overrides(spec, scale, extra), "logger=none",
            f"hydra.sweep.dir={Path(job_dir).resolve()}", "hydra.sweep.subdir=."]
