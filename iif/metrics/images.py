@@ -30,6 +30,13 @@ def image_grid(x: Tensor, title: str = ""):
     return fig
 
 
+def sc_loss(control_cost: Tensor, log_tilt: Tensor, name: str = "sc_loss") -> dict[str, float]:
+    """The SC loss estimate ``E[sum_t ||Delta_t||^2/(2 c_t^2) - r/lambda]`` from per-path ``control_cost [B]`` and
+    ``log_tilt [B]`` (``r/lambda``), and its standard error: ``{name: ..., name_se: ...}``."""
+    sc = control_cost.cpu().double() - log_tilt.cpu().double()
+    return {name: sc.mean().item(), f"{name}_se": (sc.std() / sc.numel() ** 0.5).item()}
+
+
 class ImageEvaluator(Evaluator):
     """Samples the method with a fixed evaluation seed (the training RNG is untouched) and reports:
 
@@ -59,9 +66,7 @@ class ImageEvaluator(Evaluator):
         log_tilt = self.reward.log_tilt(traj.x0, traj.cond).double().cpu()
         metrics = {"reward_mean": (log_tilt * self.reward.temperature).mean().item(), "sample_nfe": traj.nfe}
         if traj.control_cost is not None:
-            sc = traj.control_cost.cpu().double() - log_tilt
-            metrics["sc_loss"] = sc.mean().item()
-            metrics["sc_loss_se"] = (sc.std() / sc.numel() ** 0.5).item()
+            metrics.update(sc_loss(traj.control_cost, log_tilt))
             metrics["kl_path"] = traj.control_cost.mean().item()
         with torch.no_grad():
             pixels = self.base.decode(traj.x0).cpu()

@@ -20,7 +20,7 @@ import math
 import torch
 
 from iif.metrics.base import Evaluation
-from iif.metrics.images import ImageEvaluator
+from iif.metrics.images import ImageEvaluator, sc_loss
 
 Tensor = torch.Tensor
 
@@ -100,8 +100,7 @@ class PosteriorEvaluator(ImageEvaluator):
             traj = method.sample(self.n_samples, cond=cond)
         if traj.control_cost is None:
             return {}
-        sc = traj.control_cost.cpu().double() - self.reward.log_tilt(traj.x0, traj.cond).double().cpu()
-        return {"sc_loss_amortised": sc.mean().item(), "sc_loss_amortised_se": (sc.std() / sc.numel() ** 0.5).item()}
+        return sc_loss(traj.control_cost, self.reward.log_tilt(traj.x0, traj.cond), "sc_loss_amortised")
 
     def figure(self, panels: dict[str, Tensor], n: int = 8):
         """One row per entry of ``panels`` (name: samples ``[m, C, H, W]``): the measurement (upsampled), the ground

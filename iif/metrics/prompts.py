@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from iif.metrics.base import Evaluation
-from iif.metrics.images import ImageEvaluator, image_grid
+from iif.metrics.images import ImageEvaluator, image_grid, sc_loss
 
 Tensor = torch.Tensor
 
@@ -86,8 +86,7 @@ class PromptEvaluator(ImageEvaluator):
             for i, (rm, dv) in per_prompt.items():
                 metrics[f"reward_p{i}"], metrics[f"diversity_p{i}"] = rm, dv
         if all(c is not None for c in costs):
-            sc = torch.cat(costs) - r / self.reward.temperature
-            metrics.update(sc_loss=sc.mean().item(), sc_loss_se=(sc.std() / sc.numel() ** 0.5).item(),
+            metrics.update(sc_loss(torch.cat(costs), r / self.reward.temperature),
                            kl_path=torch.cat(costs).mean().item())
         figs = {"samples": image_grid(x[: self.n_grid], label)} if figures else {}
         return Evaluation(metrics, x, figs)
