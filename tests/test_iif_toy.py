@@ -80,7 +80,7 @@ def test_reward_only_collapses(runs):
 
 def test_ordering_of_the_baselines(runs):
     """IIF beats classifier guidance even at its oracle gamma, which beats reward-only fine-tuning (the paper's
-    gamma, max E[r], is worse still here: 0.43, see README)."""
+    gamma, max E[r], is worse still here: 0.43, see experiments/figure1/README.md)."""
     assert runs["iif"]["mode_tv"] < runs["cg_oracle"]["mode_tv"] < runs["reward_only"]["mode_tv"]
 
 
@@ -88,8 +88,8 @@ def test_pathwise_online_fine_tuning_moves_to_the_target(runs):
     """The pathwise SC-loss method (STL estimator) at 10 iterations (80 optimiser steps on 256 trajectories): most
     of the way from the base (mode_tv 0.44, SC loss 5.44) to the target (0.117 and 4.74 here; 0.115 after
     figure1's 20 iterations), and an SC loss far below the base's. It does not reach the 0.05 of IIF (0.10-0.12 over
-    the settings tried; 0.098 after 1500 steps; README "Figure 1" says why: a heavy-tailed gradient on a loss that
-    is flat in the mode weights)."""
+    the settings tried; 0.098 after 1500 steps; experiments/figure1/README.md says why: a heavy-tailed gradient on a
+    loss that is flat in the mode weights)."""
     assert runs["pathwise"]["mode_tv"] < 0.16
     assert runs["pathwise"]["mode_tv"] < runs["cg_oracle"]["mode_tv"]
     assert runs["pathwise"]["sc_loss"] < runs["base"]["sc_loss"] - 0.6

@@ -64,7 +64,7 @@ def test_resumed_iif_run_equals_the_uninterrupted_one(tmp_path, monkeypatch):
     module = ckpt["state"]["trainer"]["module"]
     assert module and all("lora" in k for k in module)  # only the adapter is checkpointed
 
-    # the README's recipe: the resumed run's adapter as a diffusers LoRA file, into a stock pipeline
+    # docs/text-to-image-models.md's recipe: the resumed run's adapter as a diffusers LoRA file, into a stock pipeline
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     from iif.base_models.stable_diffusion import SD_SCHEDULE, tiny_components
