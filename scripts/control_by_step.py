@@ -24,6 +24,7 @@ import yaml
 
 from iif.build import build
 from iif.config import compose
+from iif.methods.base import FineTuned
 
 
 def control_by_step(method, n: int) -> dict:
@@ -49,12 +50,16 @@ def control_by_step(method, n: int) -> dict:
     return {"steps": steps, "total": total, "sampler_control_cost": traj.control_cost.mean().item()}
 
 
-def load_run(run: Path, threads: int):
-    """The run's method with its checkpointed state (built from its own overrides, logger off)."""
+def load_run(run: Path, threads: int, parser: argparse.ArgumentParser):
+    """The run's method with its checkpointed state (built from its own overrides, logger off); one error when the
+    run's method trains no guidance (``base``, ``cg``, ``topk`` sample without an ``h`` of their own)."""
     overrides = yaml.safe_load((run / ".hydra" / "overrides.yaml").read_text())
     overrides = [o for o in overrides if not o.startswith("hydra.")] + ["logger=none", f"torch_threads={threads}"]
-    cfg, _ = compose(overrides)
+    cfg, choices = compose(overrides)
     comp = build(cfg, torch.device("cpu"))
+    if not isinstance(comp.method, FineTuned):
+        parser.error(f"{run}: method {choices.get('method')} trains no guidance h (the script reads runs of "
+                     "fine-tuning methods: iif, reward_only, vargrad, pathwise, dpok, am, ...)")
     comp.prepare()
     comp.method.load_state_dict(torch.load(run / "checkpoint.pt", weights_only=False, map_location="cpu")["state"])
     return comp.method
@@ -71,7 +76,7 @@ def main() -> None:
         if not needed.exists():
             parser.error(f"{needed} does not exist: give the directory of a finished iif-train run")
     torch.set_num_threads(args.threads)
-    method = load_run(args.run, args.threads)
+    method = load_run(args.run, args.threads, parser)
     torch.manual_seed(args.seed)
     result = {"run": str(args.run), "n": args.n, "seed": args.seed, **control_by_step(method, args.n)}
     print(f"{args.run}: path KL {result['total']:.3f} "

@@ -57,3 +57,14 @@ def test_a_directory_that_is_not_a_run_is_one_error(tmp_path):
     assert proc.returncode == 2
     assert "overrides.yaml does not exist: give the directory of a finished iif-train run" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_run_of_a_method_without_guidance_is_one_error(tmp_path):
+    (tmp_path / ".hydra").mkdir()
+    (tmp_path / ".hydra" / "overrides.yaml").write_text("- experiment=toy2d\n- method=base\n")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "control_by_step.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2
+    assert "method base trains no guidance h" in proc.stderr
+    assert "Traceback" not in proc.stderr
