@@ -173,3 +173,27 @@ def test_amortised_sc_loss_averages_over_fixed_measurements_of_test_images(fake_
     assert m1["sc_loss_amortised_se"] == pytest.approx((expected.std() / 12 ** 0.5).item(), rel=1e-6)
     with pytest.raises(ValueError, match="must be 0 or divide evaluation.n_samples = 12, got 5"):
         PosteriorEvaluator(base, reward, data=data, n_samples=12, n_measurements=5)
+
+
+def test_image_evaluator_sc_loss_is_control_cost_minus_r_over_lambda():
+    """``sc_loss = E[control_cost - r/lambda]`` and ``kl_path = E[control_cost]``, written out for a stub method and
+    a reward ``r(x) = -||x||^2`` at ``lambda = 2`` (a swapped sign or a missing ``1/lambda`` changes the value)."""
+    from types import SimpleNamespace
+
+    from iif.metrics.images import ImageEvaluator
+    from iif.rewards.base import Reward
+
+    class Norm(Reward):
+        def evaluate(self, x, cond=None):
+            return -(x ** 2).flatten(1).sum(1)
+
+    x0 = torch.arange(8.0).view(8, 1, 1, 1)
+    cost = torch.linspace(0.5, 4.0, 8).double()
+    method = SimpleNamespace(sample=lambda n, cond=None: SimpleNamespace(x0=x0, cond=None, control_cost=cost, nfe=3))
+    ev = ImageEvaluator(SimpleNamespace(decode=lambda x: x), Norm(temperature=2.0), n_samples=8)
+    m = ev(method).metrics
+    sc = cost + (x0.flatten().double() ** 2) / 2.0
+    assert m["sc_loss"] == pytest.approx(sc.mean().item(), rel=1e-9)
+    assert m["sc_loss_se"] == pytest.approx((sc.std() / 8 ** 0.5).item(), rel=1e-9)
+    assert m["kl_path"] == pytest.approx(cost.mean().item(), rel=1e-9)
+    assert m["reward_mean"] == pytest.approx(-(x0.flatten() ** 2).mean().item(), rel=1e-9)

@@ -86,7 +86,7 @@ class PromptEvaluator(ImageEvaluator):
             for i, (rm, dv) in per_prompt.items():
                 metrics[f"reward_p{i}"], metrics[f"diversity_p{i}"] = rm, dv
         if all(c is not None for c in costs):
-            metrics.update(sc_loss(torch.cat(costs), r / self.reward.temperature),
-                           kl_path=torch.cat(costs).mean().item())
+            cost = torch.cat(costs)
+            metrics.update(sc_loss(cost, r / self.reward.temperature), kl_path=cost.mean().item())
         figs = {"samples": image_grid(x[: self.n_grid], label)} if figures else {}
         return Evaluation(metrics, x, figs)
