@@ -38,6 +38,33 @@ def test_mnist_class_run_reports_distances_to_the_reference(fake_mnist, tmp_path
     assert comp.evaluator.reference["summary"] == summary and comp.base.nfe == 0
 
 
+def test_class_sets_of_one_base_model_reweight_the_same_cached_base_samples(fake_mnist, tmp_path, monkeypatch):
+    """The second class set's reference draws no base sample (nfe 0): it reweights the first's cached samples, and
+    its E_target[r], log Z and ESS are those of the SNIS formulas written out here on those samples with the
+    classifier's softmax probabilities summed over the set (w = p(S | x))."""
+    monkeypatch.setenv("IIF_CACHE", str(tmp_path / "cache"))
+    small = ["experiment=mnist_class", *SMALL, "evaluation.n_reference=96", "evaluation.batch_size=40"]
+    first = build(compose([*small, "reward.classes=[0,2,4,6,8]"])[0])
+    first.prepare()
+    assert first.base.nfe > 0
+    comp = build(compose([*small, "reward.classes=[3,5]"])[0])
+    comp.base.prepare()
+    comp.reward.prepare()
+    comp.base.nfe = 0
+    comp.evaluator.prepare()
+    assert comp.base.nfe == 0
+    x = torch.load(comp.evaluator.base_samples_path(), weights_only=True)
+    assert x.shape == (96, 1, 8, 8)
+    with torch.no_grad():
+        w = torch.softmax(comp.reward.net(x).double(), dim=-1)[:, [3, 5]].sum(-1)
+    r = w.log()
+    summary = comp.evaluator.reference["summary"]
+    assert summary["classes"] == [3, 5]
+    assert summary["target_reward_mean"] == pytest.approx(float((w * r).sum() / w.sum()), rel=1e-5)
+    assert summary["ref_log_z"] == pytest.approx(float(w.mean().log()), rel=1e-5)
+    assert summary["ref_ess"] == pytest.approx(float(w.sum() ** 2 / (w ** 2).sum()), rel=1e-5)
+
+
 def test_mnist_superres_run_samples_the_posterior_of_one_measurement(fake_mnist, tmp_path):
     cfg, choices = compose(["experiment=mnist_superres", *SMALL, "eval_every=1"])
     final = train(cfg, tmp_path / "run", choices)

@@ -6,7 +6,9 @@ With ``r(x) = log p(S | x)`` (``S`` a class or a class set) and ``lambda = 1`` t
 self-normalised importance sampling from ``n_reference`` samples of the base model's own sampler
 (``iif.metrics.snis``; weights ``exp(r / lambda)``): ``E_target[r]``, the class fractions (classifier argmax),
 ``log Z``, the effective sample size, and a reference image set drawn by resampling. It is computed once per base
-model, reward and sampler (keyed by a hash of their weights and settings) and cached under ``cache_dir``.
+model, reward and sampler (keyed by a hash of their weights and settings) and cached under ``cache_dir``; the base
+samples behind it are cached apart, keyed without the reward's classes, so that every class set of one base model and
+sampler (table1's single class and even digits) reweights the same samples instead of drawing its own.
 
 Every evaluation reports, beside the paper's metrics (``reward_mean`` = E[r]; ``fid`` = Fréchet distance on the
 classifier's penultimate-layer features against real test images of ``S``), the distances to the target:
@@ -83,6 +85,31 @@ class ClassTiltEvaluator(ImageEvaluator):
                       self.n_resample, self.reference_seed, self.batch_size)
         return self.cache_dir / f"reference-{key}"
 
+    def base_samples_path(self) -> Path:
+        """The cache entry of the reference's base samples: keyed by the base model, its sampler and the draw's
+        sizes and seed, not by the reward (every class set reweights the same samples)."""
+        key = _digest(self.base.state_dict(), repr(self.base.schedule), vars(self.sampler), self.n_reference,
+                      self.reference_seed, self.batch_size)
+        return self.cache_dir / f"base-samples-{key}" / "samples.pt"
+
+    def base_samples(self) -> Tensor:
+        """``n_reference`` samples ``x_0`` of the base model's own sampler ``[N, *sample_shape]`` (CPU, float32),
+        drawn in batches of ``batch_size`` with the reference's seed, or loaded from :meth:`base_samples_path`."""
+        path = self.base_samples_path()
+        if path.exists():
+            log.info("SNIS reference: base samples loaded from %s", path.parent)
+            return torch.load(path, weights_only=True)
+        log.info("SNIS reference: %d base samples (cached at %s)", self.n_reference, path.parent)
+        xs = []
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(self.reference_seed)
+            for i in range(0, self.n_reference, self.batch_size):
+                xs.append(self.sampler.sample(self.base, None, min(self.batch_size, self.n_reference - i)).x0.cpu())
+        samples = torch.cat(xs).contiguous()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_torch_save(samples, path)
+        return samples
+
     def prepare(self) -> None:
         """Load the test images of the reward's classes (a missing dataset fails here, before any training), then
         load or compute the SNIS reference."""
@@ -92,13 +119,13 @@ class ClassTiltEvaluator(ImageEvaluator):
             self.reference = torch.load(folder / "reference.pt", weights_only=True)
             log.info("SNIS reference loaded from %s", folder)
             return
-        log.info("SNIS reference: %d base samples (cached at %s)", self.n_reference, folder)
+        log.info("SNIS reference of classes %s (cached at %s)", self.reward.classes.tolist(), folder)
         gen = torch.Generator().manual_seed(self.reference_seed)
+        samples = self.base_samples()
         xs, log_w, rewards, labels = [], [], [], []
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
-            torch.manual_seed(self.reference_seed)
-            for i in range(0, self.n_reference, self.batch_size):
-                x = self.sampler.sample(self.base, None, min(self.batch_size, self.n_reference - i)).x0
+        with torch.no_grad():
+            for i in range(0, self.n_reference, self.batch_size):  # the batches in which they were drawn
+                x = samples[i:i + self.batch_size].to(self.base.device)
                 pixels = self.base.decode(x).cpu()
                 lt = self.reward.log_tilt(x).double().cpu()
                 xs.append(pixels)
