@@ -84,7 +84,7 @@ def run_overrides(spec, scale: str, extra: list[str] = (), method_overrides: lis
 def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str],
               methods: list[str] | None = None, method_overrides: list[str] = (), subdir: str | None = None,
               threads: int | None = None) -> None:
-    """One Hydra multirun over methods x seeds, its runs in turn in one process (``run_setting`` runs several at
+    """One Hydra multirun over methods x seeds, its runs in turn in one process (``run_settings`` runs several at
     once); ``threads``: torch threads of each run (default: all cores)."""
     cmd = [sys.executable, "-m", "iif.train", "-m", *([f"torch_threads={threads}"] if threads else []),
            f"method={','.join(methods or spec.methods)}",
@@ -147,49 +147,66 @@ def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
     subprocess.run(cmd, check=True, env={"WANDB_SILENT": "true", **os.environ})
 
 
-def run_setting(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int) -> None:
-    """Pretraining and references once; then the tuning grid and the methods' multiruns (each method with its own
-    sizes, ``spec.method_overrides[scale]``, and its tuned value), the tuned methods after the tuning.
+def run_settings(spec, scale: str, seeds: list[int], settings: dict[str, tuple[Path, list[str]]],
+                 jobs: int) -> None:
+    """Every setting's runs (``settings``: ``{name: (runs_dir, extra overrides)}``): pretraining and references
+    first, setting after setting (what they share is made once); then the settings' tuning grids and method
+    multiruns (each method with its own sizes, ``spec.method_overrides[scale]``, and its tuned value, after its
+    setting's tuning) in one pool, setting after setting, so that one setting's last runs overlap the next one's
+    first (a pool per setting left a core idle at each setting's end).
 
     With ``jobs > 1``, ``jobs`` multiruns at a time, each one process with one torch thread running its seeds in
     turn, so that one multirun's start-up overlaps another's compute (a joblib pool per multirun left the cores idle
     between multiruns). A multirun is a method (one start-up for its seeds) when there are at least two methods per
     job, else a single run (figure2's two methods: no core idles while one method's seeds run in turn)."""
-    prepare_base(spec, scale, extra, runs_dir / "prepare")
-    runs_dir = runs_dir.resolve()
+    for runs_dir, extra in settings.values():
+        prepare_base(spec, scale, extra, runs_dir / "prepare")
+    threads = 1 if jobs > 1 else None
+    failures: dict[Path, list[str]] = {}
+    with ThreadPoolExecutor(max(1, jobs)) as pool:
+        futures = []
+        for name, (runs_dir, extra) in settings.items():
+            own = OmegaConf.merge(spec, {"methods": methods_of(spec, name)})
+            failures[runs_dir.resolve()] = []
+            futures += _submit_setting(pool, own, scale, seeds, runs_dir.resolve(), extra, jobs, threads,
+                                       failures[runs_dir.resolve()])
+        try:
+            for f in as_completed(futures):
+                f.result()  # the first failure stops what has not started, and is raised
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+    for runs_dir, failed in failures.items():  # the report lists them (a diverged run has no metrics.json)
+        if failed:
+            (runs_dir / "failed.json").write_text(json.dumps(sorted(failed)))
+
+
+def _submit_setting(pool, spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int,
+                    threads: int | None, failures: list[str]) -> list:
+    """Submit one setting's tuning grid, then its untuned methods' multiruns, then its tuned ones (whose worker
+    waits for the tuning, which was submitted before them: it has started or finished by then). Returns the
+    futures; a run of a ``may_fail`` method that fails is appended to ``failures`` instead of raising."""
     tuned = set(spec.get("tune") or {})
     per_method = jobs <= 1 or len(spec.methods) >= 2 * jobs
     may_fail = set(spec.get("may_fail") or [])  # methods expected to diverge on some problems: one run per seed
     tasks = ([(m, list(seeds)) for m in spec.methods if m not in may_fail] if per_method
              else [(m, [seed]) for m in spec.methods if m not in may_fail for seed in seeds])
     tasks += [(m, [seed]) for m in spec.methods if m in may_fail for seed in seeds]
-    failures: list[str] = []
     (runs_dir / "failed.json").unlink(missing_ok=True)
-    threads = 1 if jobs > 1 else None
-    with ThreadPoolExecutor(max(1, jobs)) as pool:
-        tuning = pool.submit(tune, spec, scale, runs_dir, extra, threads)
+    tuning = pool.submit(tune, spec, scale, runs_dir, extra, threads)
 
-        def run_task(method: str, task_seeds: list[int]) -> None:
-            own = [*method_overrides(spec, scale, method), *([tuning.result()[method]] if method in tuned else [])]
-            try:
-                run_sweep(spec, scale, task_seeds, runs_dir, extra, methods=[method], method_overrides=own,
-                          threads=threads)
-            except subprocess.CalledProcessError:
-                if method not in may_fail:
-                    raise
-                failures.append(f"{method} seed {','.join(map(str, task_seeds))}")
-
-        # untuned methods first, so that the tuning (submitted first) has finished when a tuned one starts
-        futures = [pool.submit(run_task, m, s) for m, s in sorted(tasks, key=lambda task: task[0] in tuned)]
+    def run_task(method: str, task_seeds: list[int]) -> None:
+        own = [*method_overrides(spec, scale, method), *([tuning.result()[method]] if method in tuned else [])]
         try:
-            for f in as_completed([tuning, *futures]):
-                f.result()  # the first failure stops what has not started, and is raised
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    if failures:  # the report lists them (a diverged run has no metrics.json: its row counts the runs that ended)
-        (runs_dir / "failed.json").write_text(json.dumps(sorted(failures)))
+            run_sweep(spec, scale, task_seeds, runs_dir, extra, methods=[method], method_overrides=own,
+                      threads=threads)
+        except subprocess.CalledProcessError:
+            if method not in may_fail:
+                raise
+            failures.append(f"{method} seed {','.join(map(str, task_seeds))}")
+
+    return [tuning, *(pool.submit(run_task, m, s) for m, s in sorted(tasks, key=lambda task: task[0] in tuned))]
 
 
 def method_overrides(spec, scale: str, method: str) -> list[str]:
@@ -376,13 +393,13 @@ def _main(argv: list[str] | None = None) -> int:
             prepare_base(spec, args.scale, [*overrides, *args.overrides], out_dir / "runs" / setting / "prepare")
         print(f"iif-reproduce: {spec.name} --scale {args.scale} prepared in {time.perf_counter() - t0:.0f} s", flush=True)
         return 0
-    for setting, overrides in settings.items():
-        runs_dir = out_dir / "runs" / setting if setting else out_dir / "runs"
-        extra = [*overrides, *args.overrides]
-        if not args.skip_runs:
+    where = {setting: (out_dir / "runs" / setting if setting else out_dir / "runs", [*overrides, *args.overrides])
+             for setting, overrides in settings.items()}
+    if not args.skip_runs:
+        for runs_dir, _ in where.values():
             runs_dir.mkdir(parents=True, exist_ok=True)
-            run_setting(OmegaConf.merge(spec, {"methods": methods_of(spec, setting)}), args.scale, seeds, runs_dir,
-                        extra, args.jobs)
+        run_settings(spec, args.scale, seeds, where, args.jobs)
+    for setting, (runs_dir, extra) in where.items():
         runs = [r for r in load_runs(runs_dir) if r["method"] in spec.methods and r["seed"] in seeds
                 and not Path(r["run_dir"]).parent.name.startswith("tune_")]
         if not runs:

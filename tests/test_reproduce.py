@@ -207,10 +207,12 @@ def test_every_scale_of_every_spec_composes_and_builds_for_every_method(artifact
                 build(cfg)
 
 
-def test_run_setting_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_tuning(tmp_path, monkeypatch):
-    """table1's schedule with --jobs 2: every method exactly once with its own sizes, cg and cg_oracle with the value
-    the tuning chose and only after it, at most two multiruns at a time, one torch thread each, a method's seeds in
-    one multirun; figure2 (two methods, fewer than two per job) as one multirun per run."""
+def test_run_settings_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_tuning(tmp_path, monkeypatch):
+    """table1's schedule with --jobs 2: both settings prepared before any run; in each setting every method exactly
+    once with its own sizes, cg and cg_oracle with the value that setting's tuning chose and only after it; at most
+    two multiruns at a time, one torch thread each, a method's seeds in one multirun; the second setting's first
+    run starts before the first setting's last one ends (one pool); figure2 (two methods, fewer than two per job)
+    as one multirun per run."""
     import threading
     import time as clock
 
@@ -218,42 +220,53 @@ def test_run_setting_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_
 
     spec = rp.load_spec("table1")
     values = [str(v) for v in spec.tune.cg["values"]]
-    lock, state, calls, events = threading.Lock(), {"now": 0, "most": 0}, [], []
+    lock, state, calls, events = threading.Lock(), {"now": 0, "most": 0, "settings": 2}, [], []
+    prepared = []
 
     def fake_sweep(spec, scale, seeds, runs_dir, extra, methods=None, method_overrides=(), subdir=None,
                    threads=None):
+        setting = (runs_dir.parent if subdir is not None else runs_dir).name
         with lock:
+            assert len(prepared) == state["settings"]  # every setting prepared first
             state["now"] += 1
             state["most"] = max(state["most"], state["now"])
-            events.append(("start", methods[0], subdir))
+            events.append(("start", setting, methods[0], subdir))
         clock.sleep(0.05)
-        if subdir is not None:  # the tuning grid
+        if subdir is not None:  # the tuning grid: the setting 'even' prefers other values
             for i, v in enumerate(values):
+                fid, gap = (abs(i - 2), 5 - i) if setting == "single" else (i, i)
                 (runs_dir / f"v{v}").mkdir(parents=True, exist_ok=True)
-                (runs_dir / f"v{v}" / "metrics.json").write_text(json.dumps({"fid": abs(i - 2), "reward_gap": 5 - i}))
+                (runs_dir / f"v{v}" / "metrics.json").write_text(json.dumps({"fid": fid, "reward_gap": gap}))
         with lock:
             state["now"] -= 1
-            events.append(("end", methods[0], subdir))
-            calls.append((methods, list(method_overrides), threads, None, subdir, list(seeds)))
+            events.append(("end", setting, methods[0], subdir))
+            calls.append((setting, methods, list(method_overrides), threads, subdir, list(seeds)))
 
     monkeypatch.setattr(rp, "run_sweep", fake_sweep)
-    monkeypatch.setattr(rp, "prepare_base", lambda *a: None)
-    rp.run_setting(spec, "ci", [0, 1], tmp_path, ["reward.classes=[3]"], jobs=2)
-    runs = [c for c in calls if c[4] is None]
-    assert sorted(m for c in runs for m in c[0]) == sorted(spec.methods) and all(len(c[0]) == 1 for c in runs)
-    own = {c[0][0]: c[1] for c in runs}
-    assert own["base"] == [] and own["topk"] == []
-    assert own["iif"] == rp.method_overrides(spec, "ci", "iif")
-    assert own["cg"] == [f"method.guide.gamma={values[2]}"] and own["cg_oracle"] == [f"method.guide.gamma={values[-1]}"]
-    tuning_end = events.index(("end", "cg", "v${method.guide.gamma}"))
-    assert all(events.index(("start", m, None)) > tuning_end for m in ("cg", "cg_oracle"))
-    assert state["most"] == 2 and all(c[2] == 1 for c in calls)
-
+    monkeypatch.setattr(rp, "prepare_base", lambda spec, scale, extra, job_dir: prepared.append(extra))
+    where = {name: (tmp_path / name, [f"reward.classes={c}"]) for name, c in (("single", "[3]"), ("even", "[0,2]"))}
+    rp.run_settings(spec, "ci", [0, 1], where, jobs=2)
+    assert prepared == [["reward.classes=[3]"], ["reward.classes=[0,2]"]]
+    for setting, (cg, oracle) in (("single", (values[2], values[-1])), ("even", (values[0], values[0]))):
+        runs = [c for c in calls if c[0] == setting and c[4] is None]
+        assert sorted(m for c in runs for m in c[1]) == sorted(spec.methods) and all(len(c[1]) == 1 for c in runs)
+        own = {c[1][0]: c[2] for c in runs}
+        assert own["base"] == [] and own["topk"] == []
+        assert own["iif"] == rp.method_overrides(spec, "ci", "iif")
+        assert own["cg"] == [f"method.guide.gamma={cg}"] and own["cg_oracle"] == [f"method.guide.gamma={oracle}"]
+        tuning_end = events.index(("end", setting, "cg", "v${method.guide.gamma}"))
+        assert all(events.index(("start", setting, m, None)) > tuning_end for m in ("cg", "cg_oracle"))
+    assert state["most"] == 2 and all(c[3] == 1 for c in calls)
     assert all(c[4] is not None or sorted(c[5]) == [0, 1] for c in calls)  # a method's seeds in one multirun
+    first_even = min(i for i, e in enumerate(events) if e[0] == "start" and e[1] == "even")
+    last_single = max(i for i, e in enumerate(events) if e[0] == "end" and e[1] == "single")
+    assert first_even < last_single
 
     calls.clear()
-    rp.run_setting(rp.load_spec("figure2"), "ci", [0, 1], tmp_path / "few", [], jobs=2)
-    assert sorted((c[0][0], c[5]) for c in calls) == [("base", [0]), ("base", [1]), ("iif", [0]), ("iif", [1])]
+    prepared.clear()
+    state["settings"] = 1
+    rp.run_settings(rp.load_spec("figure2"), "ci", [0, 1], {"": (tmp_path / "few", [])}, jobs=2)
+    assert sorted((c[1][0], c[5]) for c in calls) == [("base", [0]), ("base", [1]), ("iif", [0]), ("iif", [1])]
 
 
 def test_claims_per_scale_finite_tables_and_comprehensions():
@@ -369,12 +382,12 @@ def test_methods_allowed_to_fail_are_listed_not_fatal(tmp_path, monkeypatch):
     monkeypatch.setattr(rp, "run_sweep", fake_sweep)
     monkeypatch.setattr(rp, "prepare_base", lambda *a, **k: None)
     spec = OmegaConf.create({"methods": ["csm", "tsm"], "may_fail": ["tsm"], "scales": {"ci": []}, "overrides": []})
-    rp.run_setting(spec, "ci", [0, 1, 2], tmp_path, [], jobs=1)
+    rp.run_settings(spec, "ci", [0, 1, 2], {"": (tmp_path, [])}, jobs=1)
     assert json.loads((tmp_path / "failed.json").read_text()) == ["tsm seed 1"]
     assert ("csm", (0, 1, 2)) in ran and {("tsm", (s,)) for s in (0, 1, 2)} <= set(ran)  # one run per seed
     spec.methods = ["bad"]
     with pytest.raises(subprocess.CalledProcessError):
-        rp.run_setting(spec, "ci", [0, 1], tmp_path, [], jobs=1)
+        rp.run_settings(spec, "ci", [0, 1], {"": (tmp_path, [])}, jobs=1)
 
 
 def test_only_on_runs_a_method_on_its_settings_only(tmp_path, monkeypatch):
@@ -384,11 +397,12 @@ def test_only_on_runs_a_method_on_its_settings_only(tmp_path, monkeypatch):
 
     ran = {}
 
-    def fake_setting(spec, scale, seeds, runs_dir, extra, jobs):
+    def fake_submit(pool, spec, scale, seeds, runs_dir, *rest):
         ran[runs_dir.name] = list(spec.methods)
-        raise SystemExit("stop after the runs")  # the aggregation needs real runs
+        return []  # nothing runs: the aggregation then stops (it needs real runs)
 
-    monkeypatch.setattr(rp, "run_setting", fake_setting)
+    monkeypatch.setattr(rp, "_submit_setting", fake_submit)
+    monkeypatch.setattr(rp, "prepare_base", lambda *a: None)
     for setting in ("on_modes", "gmm_energy"):
         with pytest.raises(SystemExit):
             rp.main(["tilts", "--settings", setting, "--out", str(tmp_path)])
