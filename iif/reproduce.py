@@ -163,16 +163,21 @@ def run_settings(spec, scale: str, seeds: list[int], settings: dict[str, tuple[P
         prepare_base(spec, scale, extra, runs_dir / "prepare")
     threads = 1 if jobs > 1 else None
     failures: dict[Path, list[str]] = {}
+    t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, jobs)) as pool:
-        futures = []
+        labels = {}  # future -> what it runs, for the progress lines
         for name, (runs_dir, extra) in settings.items():
             own = OmegaConf.merge(spec, {"methods": methods_of(spec, name)})
             failures[runs_dir.resolve()] = []
-            futures += _submit_setting(pool, own, scale, seeds, runs_dir.resolve(), extra, jobs, threads,
-                                       failures[runs_dir.resolve()])
+            for label, future in _submit_setting(pool, own, scale, seeds, runs_dir.resolve(), extra, jobs, threads,
+                                                 failures[runs_dir.resolve()]):
+                labels[future] = f"{name}: {label}" if name else label
+        futures = list(labels)
         try:
-            for f in as_completed(futures):
+            for done, f in enumerate(as_completed(futures), 1):
                 f.result()  # the first failure stops what has not started, and is raised
+                print(f"iif-reproduce: {done}/{len(futures)} done ({labels[f]}) after "
+                      f"{(time.perf_counter() - t0) / 60:.1f} min", flush=True)
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -183,10 +188,11 @@ def run_settings(spec, scale: str, seeds: list[int], settings: dict[str, tuple[P
 
 
 def _submit_setting(pool, spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int,
-                    threads: int | None, failures: list[str]) -> list:
+                    threads: int | None, failures: list[str]) -> list[tuple[str, object]]:
     """Submit one setting's tuning grid, then its untuned methods' multiruns, then its tuned ones (whose worker
-    waits for the tuning, which was submitted before them: it has started or finished by then). Returns the
-    futures; a run of a ``may_fail`` method that fails is appended to ``failures`` instead of raising."""
+    waits for the tuning, which was submitted before them: it has started or finished by then). Returns
+    ``(label, future)`` pairs (the tuning's only when the spec tunes something); a run of a ``may_fail`` method that
+    fails is appended to ``failures`` instead of raising."""
     tuned = set(spec.get("tune") or {})
     per_method = jobs <= 1 or len(spec.methods) >= 2 * jobs
     may_fail = set(spec.get("may_fail") or [])  # methods expected to diverge on some problems: one run per seed
@@ -206,7 +212,9 @@ def _submit_setting(pool, spec, scale: str, seeds: list[int], runs_dir: Path, ex
                 raise
             failures.append(f"{method} seed {','.join(map(str, task_seeds))}")
 
-    return [tuning, *(pool.submit(run_task, m, s) for m, s in sorted(tasks, key=lambda task: task[0] in tuned))]
+    runs = [(f"{m} seed {','.join(map(str, s))}", pool.submit(run_task, m, s))
+            for m, s in sorted(tasks, key=lambda task: task[0] in tuned)]
+    return [*([("tuning grid", tuning)] if tuned else []), *runs]
 
 
 def method_overrides(spec, scale: str, method: str) -> list[str]:

@@ -207,7 +207,8 @@ def test_every_scale_of_every_spec_composes_and_builds_for_every_method(artifact
                 build(cfg)
 
 
-def test_run_settings_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_tuning(tmp_path, monkeypatch):
+def test_run_settings_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the_tuning(tmp_path, monkeypatch,
+                                                                                         capsys):
     """table1's schedule with --jobs 2: both settings prepared before any run; in each setting every method exactly
     once with its own sizes, cg and cg_oracle with the value that setting's tuning chose and only after it; at most
     two multiruns at a time, one torch thread each, a method's seeds in one multirun; the second setting's first
@@ -261,6 +262,11 @@ def test_run_settings_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the
     first_even = min(i for i, e in enumerate(events) if e[0] == "start" and e[1] == "even")
     last_single = max(i for i, e in enumerate(events) if e[0] == "end" and e[1] == "single")
     assert first_even < last_single
+    # a progress line per finished multirun: 11 a setting (the tuning grid and ten methods)
+    progress = [line for line in capsys.readouterr().out.splitlines() if line.startswith("iif-reproduce: ")]
+    assert [line.split()[1] for line in progress] == [f"{k}/22" for k in range(1, 23)]
+    assert sum("(single: tuning grid)" in line for line in progress) == 1
+    assert sum("(even: iif seed 0,1)" in line for line in progress) == 1
 
     calls.clear()
     prepared.clear()
