@@ -44,6 +44,35 @@ def test_denoiser_pretraining_is_cached_and_reused(fake_mnist, tmp_path):
     assert other.pretrain.entry(other.net, {"x": 1}) != again.pretrain.entry(again.net, {"x": 1})
 
 
+def test_a_bfloat16_base_uses_the_float32_pretraining_and_predicts_close_to_it(fake_mnist, tmp_path):
+    """``base_model.dtype=bfloat16``: the same cache entry as float32 (pretrained once, in float32), the frozen network
+    then in bfloat16, its noise prediction returned in the samples' float32 and within bfloat16's precision of the
+    float32 network's (relative error about 2^-8 a layer); a dtype it does not know is one error naming the option."""
+    fp32 = _base(fake_mnist, tmp_path)
+    fp32.prepare()
+    data = MNIST(str(fake_mnist), size=8)
+    pre = DenoiserPretraining(data, steps=30, batch_size=16, seed=0, cache_dir=str(tmp_path / "cache"))
+    bf16 = UNetBase(VPSchedule(), (1, 8, 8), block_out_channels=(8, 16), norm_num_groups=4, pretrain=pre,
+                    dtype="bfloat16")
+    assert bf16.cache_path() == fp32.cache_path()
+    (entry,) = (tmp_path / "cache").glob("denoiser-*")
+    (entry / "loss.png").unlink()  # a retraining would write it again
+    bf16.prepare()
+    assert not (entry / "loss.png").exists()
+    assert {p.dtype for p in bf16.net.parameters()} == {torch.bfloat16}
+    x, t = torch.randn(64, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.linspace(0.05, 0.95, 64)
+    with torch.no_grad():
+        want, got = fp32.eps(x, t), bf16.eps(x, t)
+    assert got.dtype == torch.float32
+    rel = ((got - want).norm() / want.norm()).item()
+    assert 1e-4 < rel < 0.05, rel  # not float32's arithmetic, and close to it
+    from iif.metrics.classes import _digest  # an evaluator's cache key: a bfloat16 model is another model
+
+    assert _digest(bf16.state_dict()) != _digest(fp32.state_dict())
+    with pytest.raises(ValueError, match="base_model.dtype must be one of float32, float16, bfloat16, got 'bf16'"):
+        UNetBase(VPSchedule(), (1, 8, 8), block_out_channels=(8, 16), norm_num_groups=4, dtype="bf16")
+
+
 def test_an_interrupted_pretraining_resumes_to_the_uninterrupted_weights(fake_mnist, tmp_path, caplog):
     """Killed between two training-state checkpoints (after step 17, the last checkpoint at step 10), a second
     pretraining of the same configuration resumes at step 10 and ends with the weights and losses of a run that was

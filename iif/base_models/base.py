@@ -14,6 +14,8 @@ from iif.schedules.base import GaussianPath
 Tensor = torch.Tensor
 
 PREDICTION_TYPES = ("eps", "x0", "v", "velocity")
+# a network's weights and arithmetic (``base_model.dtype``; samples and what methods compute stay float32)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class BaseModel(nn.Module, abc.ABC):

@@ -16,14 +16,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from iif.base_models.base import BaseModel
+from iif.base_models.base import DTYPES, BaseModel
 from iif.hub import HubDownload, is_hub_id, missing_weights
 from iif.nn import set_adapters_enabled
 from iif.schedules.base import GaussianPath
 
 Tensor = torch.Tensor
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SLICINGS = ("auto", "max")  # or a positive int; None / false: off
 
 

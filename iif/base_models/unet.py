@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from iif.base_models.base import BaseModel
+from iif.base_models.base import DTYPES, BaseModel
 from iif.schedules.base import GaussianPath
 from iif.schedules.discrete import DiscreteSchedule
 from iif.utils import RunError
@@ -61,13 +61,20 @@ class UNetBase(BaseModel):
         pretrain: a :class:`~iif.pretrain.DenoiserPretraining` that trains the network on a dataset (cached), used when
             ``weights`` is None; None too: seeded random weights.
         seed: the initialisation seed.
+        dtype: ``float32`` (default), ``bfloat16`` or ``float16``: the network's weights and arithmetic once its
+            weights are in place (pretraining and its cache are float32 and unchanged); inputs are cast to it and
+            the prediction back to the samples' dtype. A frozen base in ``bfloat16`` is a slightly different model:
+            an evaluator's reference (keyed by the weights) is then that model's.
     """
 
     def __init__(self, schedule: GaussianPath, sample_shape=(1, 8, 8), prediction_type: str = "eps",
                  block_out_channels=(32, 64), layers_per_block: int = 1, norm_num_groups: int = 8,
                  attention: bool = False, num_classes: int | None = None, weights: str | None = None, pretrain=None,
-                 seed: int = 0):
+                 seed: int = 0, dtype: str = "float32"):
         super().__init__(schedule, tuple(sample_shape), prediction_type)
+        if dtype not in DTYPES:
+            raise ValueError(f"base_model.dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+        self.net_dtype = DTYPES[dtype]
         with torch.random.fork_rng():
             torch.manual_seed(seed)
             self.net = build_unet(self.sample_shape, block_out_channels, layers_per_block, norm_num_groups,
@@ -87,6 +94,11 @@ class UNetBase(BaseModel):
         return self.pretrain.weights_path(self.net, self._pretrain_key())
 
     def prepare(self) -> None:
+        """The weights (pretrained and cached, from a file, or the seeded random ones), then the cast to ``dtype``."""
+        self._load_weights()
+        self.net.to(self.net_dtype)
+
+    def _load_weights(self) -> None:
         if self.weights is None and self.pretrain is not None:
             self.pretrain.load_or_train(self.net, self._pretrain_key(), base=self)
             return
@@ -100,9 +112,12 @@ class UNetBase(BaseModel):
         self.net.to(self.device)
 
     def predict(self, x: Tensor, t: Tensor, cond: Tensor | None = None) -> Tensor:
+        """The UNet's prediction ``[B, C, H, W]`` in ``x``'s dtype, computed in the network's (float32 while it is
+        pretrained, then ``dtype``)."""
+        z = x.to(self.net.dtype)
         if self.num_classes is None:  # unconditional: a condition (e.g. a measurement) is for h and the reward
-            return self.net(x, network_timestep(self.schedule, t)).sample
+            return self.net(z, network_timestep(self.schedule, t)).sample.to(x.dtype)
         if cond is None or cond.dim() != 1:
             raise ValueError("a class-conditional UNet (base_model.num_classes) needs a class label per sample "
                              "(conditions=labels)")
-        return self.net(x, network_timestep(self.schedule, t), class_labels=cond.long()).sample
+        return self.net(z, network_timestep(self.schedule, t), class_labels=cond.long()).sample.to(x.dtype)

@@ -41,7 +41,9 @@ def _digest(*parts) -> str:
             for k in sorted(p):
                 h.update(k.encode())
                 v = p[k]
-                h.update(v.detach().cpu().contiguous().numpy().tobytes() if torch.is_tensor(v) else repr(v).encode())
+                # a tensor's bytes, whatever its dtype (numpy has no bfloat16)
+                h.update(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+                         if torch.is_tensor(v) else repr(v).encode())
         else:
             h.update(repr(p).encode())
     return h.hexdigest()[:16]

@@ -78,7 +78,7 @@ class CLIPEncoder:
 
     def __init__(self, pretrained: str = "openai/clip-vit-large-patch14", dtype: str = "float32", seed: int = 0,
                  interpolation: str = "bicubic", key: str = "pretrained"):
-        from iif.base_models.stable_diffusion import DTYPES
+        from iif.base_models.base import DTYPES
 
         node = key.rpartition(".")[0]  # the component's config node, for messages
         if dtype not in DTYPES:

@@ -79,7 +79,7 @@ class ImageRewardScore(Reward):
                  med_config: str = "med_config.json", tokenizer: str = BERT_TOKENIZER, max_length: int = 35,
                  score_mean: float = SCORE_MEAN, score_std: float = SCORE_STD, dtype: str = "float32", seed: int = 0,
                  temperature: float = 1.0, name: str = "image_reward"):
-        from iif.base_models.stable_diffusion import DTYPES
+        from iif.base_models.base import DTYPES
 
         super().__init__(temperature=temperature, name=name)
         self.texts = prompt_list(prompts, name)
