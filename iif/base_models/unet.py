@@ -96,7 +96,8 @@ class UNetBase(BaseModel):
     def prepare(self) -> None:
         """The weights (pretrained and cached, from a file, or the seeded random ones), then the cast to ``dtype``."""
         self._load_weights()
-        self.net.to(self.net_dtype)
+        if self.net.dtype != self.net_dtype:  # nn.Module's cast: diffusers' own warns on every call (nothing to keep)
+            torch.nn.Module.to(self.net, self.net_dtype)
 
     def _load_weights(self) -> None:
         if self.weights is None and self.pretrain is not None:
