@@ -5,6 +5,7 @@ check the paper's qualitative claims.
     iif-reproduce figure1                  # the 2D toy, CPU scale
     iif-reproduce figure1 --seeds 0        # quicker
     iif-reproduce figure1 -- iterations=20 # extra Hydra overrides for every run
+    iif-reproduce table1 figure2 --jobs 2  # several artifacts, their runs in one pool
 """
 from __future__ import annotations
 
@@ -149,29 +150,38 @@ def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
 
 def run_settings(spec, scale: str, seeds: list[int], settings: dict[str, tuple[Path, list[str]]],
                  jobs: int) -> None:
-    """Every setting's runs (``settings``: ``{name: (runs_dir, extra overrides)}``): pretraining and references
-    first, setting after setting (what they share is made once); then the settings' tuning grids and method
-    multiruns (each method with its own sizes, ``spec.method_overrides[scale]``, and its tuned value, after its
-    setting's tuning) in one pool, setting after setting, so that one setting's last runs overlap the next one's
-    first (a pool per setting left a core idle at each setting's end).
+    """One artifact's runs: :func:`run_plans` with one plan."""
+    run_plans([(spec, seeds, settings)], scale, jobs)
+
+
+def run_plans(plans: list[tuple], scale: str, jobs: int) -> None:
+    """The runs of one or more artifacts, ``plans``: ``(spec, seeds, settings)`` each, ``settings``
+    ``{name: (runs_dir, extra overrides)}``. Pretraining and references first, setting after setting (what they
+    share is made once); then the settings' tuning grids and method multiruns (each method with its own sizes,
+    ``spec.method_overrides[scale]``, and its tuned value, after its setting's tuning) in one pool, setting after
+    setting and artifact after artifact, so that one setting's last runs overlap the next one's first (a pool per
+    setting left a core idle at each setting's end).
 
     With ``jobs > 1``, ``jobs`` multiruns at a time, each one process with one torch thread running its seeds in
     turn, so that one multirun's start-up overlaps another's compute (a joblib pool per multirun left the cores idle
     between multiruns). A multirun is a method (one start-up for its seeds) when there are at least two methods per
     job, else a single run (figure2's two methods: no core idles while one method's seeds run in turn)."""
-    for runs_dir, extra in settings.values():
-        prepare_base(spec, scale, extra, runs_dir / "prepare")
+    for spec, _, settings in plans:
+        for runs_dir, extra in settings.values():
+            prepare_base(spec, scale, extra, runs_dir / "prepare")
     threads = 1 if jobs > 1 else None
     failures: dict[Path, list[str]] = {}
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max(1, jobs)) as pool:
         labels = {}  # future -> what it runs, for the progress lines
-        for name, (runs_dir, extra) in settings.items():
-            own = OmegaConf.merge(spec, {"methods": methods_of(spec, name)})
-            failures[runs_dir.resolve()] = []
-            for label, future in _submit_setting(pool, own, scale, seeds, runs_dir.resolve(), extra, jobs, threads,
-                                                 failures[runs_dir.resolve()]):
-                labels[future] = f"{name}: {label}" if name else label
+        for spec, seeds, settings in plans:
+            for name, (runs_dir, extra) in settings.items():
+                own = OmegaConf.merge(spec, {"methods": methods_of(spec, name)})
+                failures[runs_dir.resolve()] = []
+                for label, future in _submit_setting(pool, own, scale, seeds, runs_dir.resolve(), extra, jobs,
+                                                     threads, failures[runs_dir.resolve()]):
+                    prefix = "/".join(part for part in (spec.name if len(plans) > 1 else "", name) if part)
+                    labels[future] = f"{prefix}: {label}" if prefix else label
         futures = list(labels)
         try:
             for done, f in enumerate(as_completed(futures), 1):
@@ -342,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="iif-reproduce", description=__doc__.split("\n\n")[0])
-    p.add_argument("artifact", help="folder name under experiments/, e.g. figure1")
+    p.add_argument("artifacts", nargs="+", metavar="artifact",
+                   help="folder name under experiments/, e.g. figure1; several (table1 figure2) share one pool of "
+                        "--jobs and write their own outputs/ARTIFACT")
     p.add_argument("--scale", default="ci", help="ci (CPU minutes) or paper (published sizes)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the spec's)")
     p.add_argument("--out", default=None, help="output folder (default outputs/ARTIFACT)")
@@ -366,47 +378,80 @@ def _main(argv: list[str] | None = None) -> int:
     args.overrides = argv[cut + 1:]
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")  # pretraining, references
 
-    spec = load_spec(args.artifact)
-    if args.scale not in spec.scales:
-        p.error(f"unknown scale '{args.scale}'; the spec has {list(spec.scales)}")
-    if spec.get("study"):  # an analytic study (iif/studies): a computation, not a sweep of runs
-        if args.seeds:
-            spec.seeds = [int(s) for s in args.seeds.split(",")]
-        out_dir = Path(args.out or Path("outputs") / spec.name)
-        t0 = time.perf_counter()
-        report, passed = importlib.import_module(spec.study).run(spec, args.scale, out_dir)
-        print("\n" + report)
-        print(f"wrote {out_dir}/{{{','.join(sorted(f.name for f in out_dir.iterdir() if f.is_file()))}}} in "
-              f"{time.perf_counter() - t0:.0f} s")
-        return 0 if passed else 1
-    if args.methods:
-        unknown = [m for m in args.methods.split(",") if m not in spec.methods]
-        if unknown:
-            p.error(f"unknown method '{unknown[0]}'; the spec has {list(spec.methods)}")
-        spec.methods = [m for m in spec.methods if m in args.methods.split(",")]  # the spec's order
-    settings = settings_of(spec)
-    if args.settings:
-        chosen = args.settings.split(",")
-        unknown = [s for s in chosen if s not in settings]
-        if unknown:
-            p.error(f"unknown setting '{unknown[0]}'; the spec has {list(settings)}")
-        settings = {k: v for k, v in settings.items() if k in chosen}
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec.seeds)
+    if args.out and len(args.artifacts) > 1:
+        p.error("--out names one artifact's folder; with several, each writes to outputs/ARTIFACT")
+    specs = [load_spec(name) for name in dict.fromkeys(args.artifacts)]
+    for spec in specs:
+        if args.scale not in spec.scales:
+            p.error(f"unknown scale '{args.scale}'; {spec.name} has {list(spec.scales)}")
+    studies = [spec.name for spec in specs if spec.get("study")]
+    if studies and len(specs) > 1:
+        p.error(f"{studies[0]} is a study (a computation, not a sweep of runs): reproduce it on its own")
+    if studies:
+        return _study(specs[0], args)
+    plans = [_plan(p, spec, args, several=len(specs) > 1) for spec in specs]
+    t0 = time.perf_counter()
+    if args.prepare_only:
+        for spec, _, where, _ in plans:
+            for runs_dir, extra in where.values():
+                prepare_base(spec, args.scale, extra, runs_dir / "prepare")
+        names = " ".join(spec.name for spec, *_ in plans)
+        print(f"iif-reproduce: {names} --scale {args.scale} prepared in {time.perf_counter() - t0:.0f} s", flush=True)
+        return 0
+    if not args.skip_runs:
+        for _, _, where, _ in plans:
+            for runs_dir, _ in where.values():
+                runs_dir.mkdir(parents=True, exist_ok=True)
+        run_plans([(spec, seeds, where) for spec, seeds, where, _ in plans], args.scale, args.jobs)
+    for spec, seeds, where, out_dir in plans:
+        _report(spec, args.scale, seeds, where, out_dir, t0)
+    return 0
+
+
+def _study(spec, args) -> int:
+    """An analytic study (iif/studies): a computation, not a sweep of runs; exit status 1 when a claim fails."""
+    if args.seeds:
+        spec.seeds = [int(s) for s in args.seeds.split(",")]
     out_dir = Path(args.out or Path("outputs") / spec.name)
     t0 = time.perf_counter()
-    metrics = list(spec.metrics)
-    tables, sections, all_rows = {}, [], []
-    if args.prepare_only:
-        for setting, overrides in settings.items():
-            prepare_base(spec, args.scale, [*overrides, *args.overrides], out_dir / "runs" / setting / "prepare")
-        print(f"iif-reproduce: {spec.name} --scale {args.scale} prepared in {time.perf_counter() - t0:.0f} s", flush=True)
-        return 0
+    report, passed = importlib.import_module(spec.study).run(spec, args.scale, out_dir)
+    print("\n" + report)
+    print(f"wrote {out_dir}/{{{','.join(sorted(f.name for f in out_dir.iterdir() if f.is_file()))}}} in "
+          f"{time.perf_counter() - t0:.0f} s")
+    return 0 if passed else 1
+
+
+def _plan(p, spec, args, several: bool = False):
+    """One artifact's runs: the spec with the methods of ``--methods``, its seeds, ``{setting: (runs_dir, extra
+    overrides)}`` for the settings of ``--settings``, and its output folder. With several artifacts a name of
+    ``--methods``/``--settings`` may be another artifact's, but each artifact must keep one."""
+    def chosen(flag: str, names: list[str], have: list[str]) -> list[str]:
+        unknown = [n for n in names if n not in have]
+        if unknown and not several:
+            p.error(f"unknown {flag[2:-1]} '{unknown[0]}'; the spec has {have}")
+        if several and len(unknown) == len(names):
+            p.error(f"{spec.name} has none of the {flag[2:]} {', '.join(names)}: it has {have}")
+        return [n for n in have if n in names]  # the spec's order
+
+    if args.methods:
+        spec.methods = chosen("--methods", args.methods.split(","), list(spec.methods))
+    settings = settings_of(spec)
+    if args.settings:
+        keep = chosen("--settings", args.settings.split(","), list(settings))
+        settings = {k: v for k, v in settings.items() if k in keep}
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(spec.seeds)
+    out_dir = Path(args.out or Path("outputs") / spec.name)
     where = {setting: (out_dir / "runs" / setting if setting else out_dir / "runs", [*overrides, *args.overrides])
              for setting, overrides in settings.items()}
-    if not args.skip_runs:
-        for runs_dir, _ in where.values():
-            runs_dir.mkdir(parents=True, exist_ok=True)
-        run_settings(spec, args.scale, seeds, where, args.jobs)
+    return spec, seeds, where, out_dir
+
+
+def _report(spec, scale: str, seeds: list[int], where: dict[str, tuple[Path, list[str]]], out_dir: Path,
+            t0: float) -> None:
+    """Aggregate one artifact's run directories: ``table.md|csv`` (mean ± s.e. over seeds), its figures, the
+    claims' PASS/FAIL lines, printed too."""
+    metrics = list(spec.metrics)
+    tables, sections, all_rows = {}, [], []
     for setting, (runs_dir, extra) in where.items():
         runs = [r for r in load_runs(runs_dir) if r["method"] in spec.methods and r["seed"] in seeds
                 and not Path(r["run_dir"]).parent.name.startswith("tune_")]
@@ -415,7 +460,7 @@ def _main(argv: list[str] | None = None) -> int:
         rows = aggregate(runs, "method", metrics, order=list(spec.methods))  # rows carry their run_dirs
         tables[setting] = {m: {r["method"]: r[m] for r in rows if m in r} for m in metrics}
         suffix = f"_{setting}" if setting else ""
-        make_figure(spec, args.scale, rows, out_dir / f"figure{suffix}.png", [*spec.scales[args.scale], *extra])
+        make_figure(spec, scale, rows, out_dir / f"figure{suffix}.png", [*spec.scales[scale], *extra])
         if spec.get("curve"):
             tables[setting]["curve"] = curve(spec, runs, out_dir)
         label = f" ({setting})" if setting else ""
@@ -437,7 +482,7 @@ def _main(argv: list[str] | None = None) -> int:
         ranked = "\n".join(ranking(tables, m, spec.metrics[m], list(spec.methods)) for m in by)
         (out_dir / "ranking.md").write_text(ranked)
         md += "\n" + ranked
-    lines = check_claims(spec, tables, args.scale)
+    lines = check_claims(spec, tables, scale)
     notes = "".join(note for _, _, note in sections)
     curve_note = ""
     for setting, table in tables.items():
@@ -446,14 +491,13 @@ def _main(argv: list[str] | None = None) -> int:
             curve_note += (f"\n{spec.curve.metric} per iteration: curve.csv, curve.png; first {cv['first']:.4g}, last "
                            f"{cv['last']:.4g}, rose beyond noise in {cv['rise_frac']:.0%} of steps "
                            f"({cv['n_seeds']} seeds)\n")
-    scale_note = ((spec.get("scale_notes") or {}).get(args.scale) or "").strip()
-    report = (f"# {spec.title}\n\nscale={args.scale}, seeds={seeds}, mean ± standard error over seeds\n\n"
+    scale_note = ((spec.get("scale_notes") or {}).get(scale) or "").strip()
+    report = (f"# {spec.title}\n\nscale={scale}, seeds={seeds}, mean ± standard error over seeds\n\n"
               + (f"**{scale_note}**\n\n" if scale_note else "") + f"{md}\n"
               + "\n".join(lines) + "\n" + curve_note + notes + "\n")
     (out_dir / "table.md").write_text(report)
     print("\n" + report)
     print(f"wrote {out_dir}/table.md, table.csv, figures in {time.perf_counter() - t0:.0f} s")
-    return 0
 
 
 def ranking(tables: dict[str, dict], metric: str, direction: str, methods: list[str]) -> str:

@@ -275,6 +275,51 @@ def test_run_settings_runs_every_method_once_jobs_at_a_time_tuned_ones_after_the
     assert sorted((c[1][0], c[5]) for c in calls) == [("base", [0]), ("base", [1]), ("iif", [0]), ("iif", [1])]
 
 
+def test_several_artifacts_share_one_pool_and_each_writes_its_own_outputs(tmp_path, monkeypatch, capsys):
+    """``iif-reproduce table1 figure2 --jobs 2``: every setting of both prepared before any run, every method of both
+    run once (figure2's seeds one run each), progress lines naming the artifact, and each artifact aggregated into
+    its own ``outputs/ARTIFACT``. ``--out``, a study beside a sweep, and a ``--methods`` list that leaves one
+    artifact nothing are each one error line."""
+    import iif.reproduce as rp
+
+    monkeypatch.chdir(tmp_path)
+    prepared, ran, reported = [], [], []
+    values = [str(v) for v in rp.load_spec("table1").tune.cg["values"]]
+
+    def fake_sweep(spec, scale, seeds, runs_dir, extra, methods=None, method_overrides=(), subdir=None,
+                   threads=None):
+        assert len(prepared) == 3  # table1's two settings and figure2's one, before any run
+        if subdir is not None:  # the tuning grid
+            for v in values:
+                (runs_dir / f"v{v}").mkdir(parents=True, exist_ok=True)
+                (runs_dir / f"v{v}" / "metrics.json").write_text(json.dumps({"fid": 1.0, "reward_gap": 1.0}))
+            return
+        ran.append((spec.name, runs_dir.relative_to(tmp_path).as_posix(), methods[0], tuple(seeds)))
+
+    monkeypatch.setattr(rp, "run_sweep", fake_sweep)
+    monkeypatch.setattr(rp, "prepare_base", lambda spec, scale, extra, job_dir: prepared.append(spec.name))
+    monkeypatch.setattr(rp, "_report", lambda spec, scale, seeds, where, out_dir, t0: reported.append(
+        (spec.name, out_dir.as_posix(), sorted(where))))
+    assert rp.main(["table1", "figure2", "--jobs", "2"]) == 0
+    assert prepared == ["table1", "table1", "figure2"]
+    table1, figure2 = rp.load_spec("table1"), rp.load_spec("figure2")
+    for setting in ("single", "even"):
+        assert sorted(m for name, d, m, _ in ran if d == f"outputs/table1/runs/{setting}") == sorted(table1.methods)
+    assert sorted((m, s) for name, d, m, s in ran if name == "figure2") == sorted(
+        (m, (seed,)) for m in figure2.methods for seed in figure2.seeds)
+    assert reported == [("table1", "outputs/table1", ["even", "single"]), ("figure2", "outputs/figure2", [""])]
+    out = capsys.readouterr().out
+    assert "(table1/single: iif seed 0,1)" in out and "(figure2: iif seed 0)" in out
+
+    for argv, message in ((["table1", "figure2", "--out", "x"], "--out names one artifact's folder"),
+                          (["table1", "variance"], "variance is a study"),
+                          (["table1", "figure2", "--methods", "vargrad"], "figure2 has none of the methods vargrad"),
+                          (["table1", "--methods", "nope"], "unknown method 'nope'")):
+        with pytest.raises(SystemExit) as e:
+            rp.main(argv)
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
+
+
 def test_claims_per_scale_finite_tables_and_comprehensions():
     """A claim with ``scales`` is skipped at other scales; ``finite`` walks nested tables; a comprehension sees the
     settings (names are the expression's globals); a setting that was not run is skipped, not an error."""
