@@ -389,6 +389,12 @@ def _main(argv: list[str] | None = None) -> int:
         p.error(f"{studies[0]} is a study (a computation, not a sweep of runs): reproduce it on its own")
     if studies:
         return _study(specs[0], args)
+    for flag, names, have in (("method", args.methods, lambda spec: spec.methods),
+                              ("setting", args.settings, lambda spec: settings_of(spec))):
+        unknown = [n for n in (names.split(",") if names and len(specs) > 1 else []) if
+                   not any(n in have(spec) for spec in specs)]
+        if unknown:
+            p.error(f"unknown {flag} '{unknown[0]}': none of {', '.join(spec.name for spec in specs)} has it")
     plans = [_plan(p, spec, args, several=len(specs) > 1) for spec in specs]
     t0 = time.perf_counter()
     if args.prepare_only:

@@ -314,6 +314,7 @@ def test_several_artifacts_share_one_pool_and_each_writes_its_own_outputs(tmp_pa
     for argv, message in ((["table1", "figure2", "--out", "x"], "--out names one artifact's folder"),
                           (["table1", "variance"], "variance is a study"),
                           (["table1", "figure2", "--methods", "vargrad"], "figure2 has none of the methods vargrad"),
+                          (["table1", "figure2", "--methods", "iif,nope"], "unknown method 'nope': none of"),
                           (["table1", "--methods", "nope"], "unknown method 'nope'")):
         with pytest.raises(SystemExit) as e:
             rp.main(argv)
