@@ -6,6 +6,7 @@ check the paper's qualitative claims.
     iif-reproduce figure1 --seeds 0        # quicker
     iif-reproduce figure1 -- iterations=20 # extra Hydra overrides for every run
     iif-reproduce table1 figure2 --jobs 2  # several artifacts, their runs in one pool
+    iif-reproduce table1 --scale paper --dry-run -- launcher=slurm   # every run checked, the plan printed, no run
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -87,13 +89,20 @@ def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[st
               threads: int | None = None) -> None:
     """One Hydra multirun over methods x seeds, its runs in turn in one process (``run_settings`` runs several at
     once); ``threads``: torch threads of each run (default: all cores)."""
-    cmd = [sys.executable, "-m", "iif.train", "-m", *([f"torch_threads={threads}"] if threads else []),
-           f"method={','.join(methods or spec.methods)}",
-           f"seed={','.join(map(str, seeds))}", *run_overrides(spec, scale, extra, method_overrides),
-           f"hydra.sweep.dir={runs_dir}",
-           f"hydra.sweep.subdir={subdir or '${hydra:runtime.choices.method}_seed${seed}'}"]
-    print("+", " ".join(cmd), flush=True)
+    cmd = sweep_command(spec, scale, seeds, runs_dir, extra, methods, method_overrides, subdir, threads)
+    print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={"WANDB_SILENT": "true", **os.environ})
+
+
+def sweep_command(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str],
+                  methods: list[str] | None = None, method_overrides: list[str] = (), subdir: str | None = None,
+                  threads: int | None = None) -> list[str]:
+    """The command line of :func:`run_sweep`'s multirun (``--dry-run`` prints it)."""
+    return [sys.executable, "-m", "iif.train", "-m", *([f"torch_threads={threads}"] if threads else []),
+            f"method={','.join(methods or spec.methods)}",
+            f"seed={','.join(map(str, seeds))}", *run_overrides(spec, scale, extra, method_overrides),
+            f"hydra.sweep.dir={runs_dir}",
+            f"hydra.sweep.subdir={subdir or '${hydra:runtime.choices.method}_seed${seed}'}"]
 
 
 def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None = None) -> dict[str, str]:
@@ -105,14 +114,12 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None
     for method, t in (spec.get("tune") or {}).items():
         if method not in spec.methods:  # not run (--methods)
             continue
-        grid_method = t.get("method", method)
-        folder = runs_dir / f"tune_{grid_method}"
-        values = [str(v) for v in t["values"]]
-        if (grid_method, t.key) not in done and not all((folder / f"v{v}" / "metrics.json").exists() for v in values):
-            run_sweep(spec, scale, [int(t.get("seed", 100))], folder.resolve(), extra, methods=[grid_method],
-                      method_overrides=[*method_overrides(spec, scale, grid_method), f"{t.key}={','.join(values)}"],
-                      subdir=f"v${{{t.key}}}", threads=threads)
-        done.add((grid_method, t.key))
+        grid = tuning_grid(spec, scale, runs_dir, method)
+        folder, values = grid["runs_dir"], [str(v) for v in t["values"]]
+        if (grid["methods"][0], t.key) not in done and not all((folder / f"v{v}" / "metrics.json").exists()
+                                                               for v in values):
+            run_sweep(spec, scale, extra=extra, threads=threads, **grid)
+        done.add((grid["methods"][0], t.key))
         scores = {v: json.loads((folder / f"v{v}" / "metrics.json").read_text())[t.metric] for v in values}
         pick = (min if t.get("goal", "min") == "min" else max)(scores, key=scores.get)
         chosen[method] = f"{t.key}={pick}"
@@ -121,6 +128,18 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None
     if chosen:
         (runs_dir / "tuned.json").write_text(json.dumps(chosen, indent=1))
     return chosen
+
+
+def tuning_grid(spec, scale: str, runs_dir: Path, method: str) -> dict:
+    """The multirun of ``method``'s tuning grid (``spec.tune``): :func:`run_sweep`'s arguments but ``extra`` and
+    ``threads``: the grid method (``tune.<m>.method``, default ``m``) with its own sizes and every grid value, the
+    tuning seed, run directories ``<runs_dir>/tune_<grid method>/v<value>``."""
+    t = spec.tune[method]
+    grid_method = t.get("method", method)
+    values = ",".join(str(v) for v in t["values"])
+    return {"seeds": [int(t.get("seed", 100))], "runs_dir": (runs_dir / f"tune_{grid_method}").resolve(),
+            "methods": [grid_method], "subdir": f"v${{{t.key}}}",
+            "method_overrides": [*method_overrides(spec, scale, grid_method), f"{t.key}={values}"]}
 
 
 def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
@@ -133,7 +152,8 @@ def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
     from iif.prepare import prepare
 
     cfg, choices = compose([*run_overrides(spec, scale, extra), "logger=none"])
-    if not str(choices.get("hydra/launcher", "")).startswith("submitit"):
+    cmd = prepare_command(spec, scale, extra, job_dir, choices)
+    if cmd is None:
         try:
             prepare(cfg, job_dir)
         except ConfigError as e:  # a missing hub weight: the fetch command for these runs' overrides
@@ -142,10 +162,17 @@ def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
                 raise
             raise filled from e
         return
-    cmd = [sys.executable, "-m", "iif.prepare", "-m", *run_overrides(spec, scale, extra), "logger=none",
-           f"hydra.sweep.dir={Path(job_dir).resolve()}", "hydra.sweep.subdir=."]
-    print("+", " ".join(cmd), flush=True)
+    print("+", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={"WANDB_SILENT": "true", **os.environ})
+
+
+def prepare_command(spec, scale: str, extra: list[str], job_dir: Path, choices: dict[str, str]) -> list[str] | None:
+    """The ``iif-prepare`` job's command line under a cluster launcher (a submitit one, in ``choices``); ``None``:
+    the preparation runs in this process."""
+    if not str(choices.get("hydra/launcher", "")).startswith("submitit"):
+        return None
+    return [sys.executable, "-m", "iif.prepare", "-m", *run_overrides(spec, scale, extra), "logger=none",
+            f"hydra.sweep.dir={Path(job_dir).resolve()}", "hydra.sweep.subdir=."]
 
 
 def run_settings(spec, scale: str, seeds: list[int], settings: dict[str, tuple[Path, list[str]]],
@@ -204,11 +231,8 @@ def _submit_setting(pool, spec, scale: str, seeds: list[int], runs_dir: Path, ex
     ``(label, future)`` pairs (the tuning's only when the spec tunes something); a run of a ``may_fail`` method that
     fails is appended to ``failures`` instead of raising."""
     tuned = set(spec.get("tune") or {})
-    per_method = jobs <= 1 or len(spec.methods) >= 2 * jobs
-    may_fail = set(spec.get("may_fail") or [])  # methods expected to diverge on some problems: one run per seed
-    tasks = ([(m, list(seeds)) for m in spec.methods if m not in may_fail] if per_method
-             else [(m, [seed]) for m in spec.methods if m not in may_fail for seed in seeds])
-    tasks += [(m, [seed]) for m in spec.methods if m in may_fail for seed in seeds]
+    may_fail = set(spec.get("may_fail") or [])
+    tasks = multiruns(spec, seeds, jobs)
     (runs_dir / "failed.json").unlink(missing_ok=True)
     tuning = pool.submit(tune, spec, scale, runs_dir, extra, threads)
 
@@ -222,9 +246,109 @@ def _submit_setting(pool, spec, scale: str, seeds: list[int], runs_dir: Path, ex
                 raise
             failures.append(f"{method} seed {','.join(map(str, task_seeds))}")
 
-    runs = [(f"{m} seed {','.join(map(str, s))}", pool.submit(run_task, m, s))
-            for m, s in sorted(tasks, key=lambda task: task[0] in tuned)]
+    runs = [(f"{m} seed {','.join(map(str, s))}", pool.submit(run_task, m, s)) for m, s in tasks]
     return [*([("tuning grid", tuning)] if tuned else []), *runs]
+
+
+def multiruns(spec, seeds: list[int], jobs: int) -> list[tuple[str, list[int]]]:
+    """How a setting's runs are split into multiruns ``(method, seeds)``, in the order they are submitted (the
+    tuned methods last): a method's seeds in one multirun (one start-up), unless there are fewer than two methods
+    per job (then a run each, so that no core idles while one method's seeds run in turn); a ``may_fail`` method
+    (expected to diverge on some problems) a run per seed, so that a failure loses one run."""
+    tuned = set(spec.get("tune") or {})
+    per_method = jobs <= 1 or len(spec.methods) >= 2 * jobs
+    may_fail = set(spec.get("may_fail") or [])
+    tasks = ([(m, list(seeds)) for m in spec.methods if m not in may_fail] if per_method
+             else [(m, [seed]) for m in spec.methods if m not in may_fail for seed in seeds])
+    tasks += [(m, [seed]) for m in spec.methods if m in may_fail for seed in seeds]
+    return sorted(tasks, key=lambda task: task[0] in tuned)
+
+
+def check_runs(spec, scale: str, where: dict[str, tuple[Path, list[str]]]) -> dict[tuple[str, str], tuple]:
+    """Every run of one artifact composed by Hydra and checked (``iif.checks``: the loop's sizes, the components'
+    pairing, the processes per run under a cluster launcher) before anything is written or started, so that a
+    misspelt override or an impossible pairing is one error line, not a traceback after pretraining or a failed job
+    of an array. One config per setting and method (seeds do not change it; a tuned method with its grid's first
+    value). Returns ``{(setting, method): (cfg, choices)}``. What only a constructor or the data can refuse is found
+    when a run builds its components."""
+    from hydra.errors import HydraException
+
+    from iif import device as devices
+    from iif.checks import check_pairing, check_sizes, check_world
+    from iif.config import compose
+    from iif.distributed import World
+
+    tune = spec.get("tune") or {}
+    configs = {}
+    for setting, (_, extra) in where.items():
+        for method in methods_of(spec, setting):
+            own = [*method_overrides(spec, scale, method),
+                   *([f"{tune[method].key}={tune[method]['values'][0]}"] if method in tune else [])]
+            try:
+                cfg, choices = compose([f"method={method}", *run_overrides(spec, scale, extra, own), "logger=none"])
+                check_sizes(cfg)
+                check_pairing(cfg, choices)
+                if str(choices.get("hydra/launcher", "")).startswith("submitit"):
+                    check_world(cfg, choices, World(size=int(cfg.resources.tasks_per_node)))
+                else:  # the runs' device is this machine's (a cluster job's is the node's)
+                    devices.resolve(cfg.get("device", "cpu"))
+            except (HydraException, ConfigError) as e:
+                run = "/".join(part for part in (spec.name, setting, method) if part)
+                text = str(e).split("Config search path:")[0]  # Hydra's message, on one line
+                raise ConfigError(f"{run}: " + " ".join(line.strip() for line in text.splitlines()
+                                                        if line.strip(" ^"))) from e
+            configs[setting, method] = cfg, choices
+    return configs
+
+
+def dry_run(plans: list[tuple], scale: str, jobs: int, checked: list[dict]) -> int:
+    """``--dry-run``: what :func:`run_plans` would do, from the configs :func:`check_runs` composed: per setting the
+    preparation, the tuning grids, each method's sizes, then every multirun's command line (a tuned value as
+    ``<tuned>``). Returns the number of runs."""
+    from iif.config import derived_sizes
+
+    n_runs = n_multiruns = 0
+    threads = 1 if jobs > 1 else None
+    for (spec, seeds, where, _), configs in zip(plans, checked):
+        tune = spec.get("tune") or {}
+        for setting, (runs_dir, extra) in where.items():
+            methods = methods_of(spec, setting)
+            cfg, choices = configs[setting, methods[0]]
+            label = "/".join(part for part in (spec.name, setting) if part)
+            print(f"\n{label}: experiment {choices.get('experiment')}, {cfg.iterations} iterations, device "
+                  f"{cfg.get('device', 'cpu')}, launcher {choices.get('hydra/launcher')}; runs in {runs_dir}")
+            job = prepare_command(spec, scale, extra, runs_dir / "prepare", choices)
+            print("  prepare (pretraining and references, cached): "
+                  + ("in this process" if job is None else "one job of the launcher: " + " ".join(job)))
+            grids = {}  # tuned methods sharing a grid share its runs
+            for method, t in tune.items():
+                if method in methods:
+                    grid = tuning_grid(spec, scale, runs_dir, method)
+                    grids.setdefault((grid["methods"][0], t.key), (grid, []))[1].append(
+                        f"{method} by {t.metric} ({t.get('goal', 'min')})")
+            commands = []
+            for (grid_method, key), (grid, chooses) in grids.items():
+                values = grid["method_overrides"][-1].split("=", 1)[1]
+                print(f"  tuning grid: {grid_method} {key} = {values} (seed {grid['seeds'][0]}): "
+                      f"{len(values.split(','))} runs; chooses {'; '.join(chooses)}")
+                commands.append(sweep_command(spec, scale, extra=extra, threads=threads, **grid))
+                n_runs += len(values.split(","))
+            width = max(map(len, methods))
+            for method in methods:
+                tuned = f"; {tune[method].key} tuned" if method in tune else ""
+                print(f"  {method:<{width}}  seeds {','.join(map(str, seeds))}: "
+                      f"{derived_sizes(configs[setting, method][0])}{tuned}")
+            n_runs += len(methods) * len(seeds)
+            own = OmegaConf.merge(spec, {"methods": methods})
+            for method, task_seeds in multiruns(own, seeds, jobs):
+                tuned = [f"{tune[method].key}=<tuned>"] if method in tune else []
+                commands.append(sweep_command(spec, scale, task_seeds, runs_dir.resolve(), extra, [method],
+                                              [*method_overrides(spec, scale, method), *tuned], threads=threads))
+            print("".join(f"  + {shlex.join(cmd)}\n" for cmd in commands), end="")
+            n_multiruns += len(commands)
+    print(f"\niif-reproduce: dry run: {n_runs} runs in {n_multiruns} multiruns, {max(1, jobs)} at a time; every "
+          "run's config composed and checked (sizes, pairing); nothing was run or written")
+    return n_runs
 
 
 def method_overrides(spec, scale: str, method: str) -> list[str]:
@@ -366,6 +490,9 @@ def _main(argv: list[str] | None = None) -> int:
                    help="comma-separated methods to run and tabulate, e.g. iif (default: the spec's)")
     p.add_argument("--settings", default=None,
                    help="comma-separated settings (column groups) to run, e.g. table2's rabbit (default: all)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="compose and check every run's config, print the plan (the preparation, tuning grids, each "
+                        "method's sizes, every command line) and stop: nothing runs, nothing is written")
     p.epilog = "Hydra overrides for every run go after --, e.g. iif-reproduce figure1 --seeds 0 -- iterations=20"
     p.add_argument("--jobs", type=int, default=1,
                    help="runs in parallel on this machine, one torch thread each; default 1: one after another "
@@ -376,6 +503,12 @@ def _main(argv: list[str] | None = None) -> int:
     cut = argv.index("--") if "--" in argv else len(argv)
     args = p.parse_args(argv[:cut])
     args.overrides = argv[cut + 1:]
+    for override in args.overrides:
+        if override.startswith("-"):
+            p.error(f"'{override}' follows --: options of iif-reproduce go before --, Hydra overrides after it")
+        for key, flag in (("method", "--methods"), ("seed", "--seeds")):
+            if override.split("=", 1)[0] == key:
+                p.error(f"'{override}' after --: the spec sets each run's {key}; choose them with {flag}")
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")  # pretraining, references
 
     if args.out and len(args.artifacts) > 1:
@@ -387,6 +520,10 @@ def _main(argv: list[str] | None = None) -> int:
     studies = [spec.name for spec in specs if spec.get("study")]
     if studies and len(specs) > 1:
         p.error(f"{studies[0]} is a study (a computation, not a sweep of runs): reproduce it on its own")
+    if studies and args.dry_run:
+        p.error(f"{studies[0]} is a study (a computation, not a sweep of runs): --dry-run has no runs to plan")
+    if args.dry_run and (args.skip_runs or args.prepare_only):
+        p.error("--dry-run plans the runs; it goes with neither --skip-runs nor --prepare-only")
     if studies:
         return _study(specs[0], args)
     for flag, names, have in (("method", args.methods, lambda spec: spec.methods),
@@ -397,6 +534,11 @@ def _main(argv: list[str] | None = None) -> int:
             p.error(f"unknown {flag} '{unknown[0]}': none of {', '.join(spec.name for spec in specs)} has it")
     plans = [_plan(p, spec, args, several=len(specs) > 1) for spec in specs]
     t0 = time.perf_counter()
+    if not args.skip_runs:  # every run's config, before anything is written or started
+        checked = [check_runs(spec, args.scale, where) for spec, _, where, _ in plans]
+    if args.dry_run:
+        dry_run(plans, args.scale, args.jobs, checked)
+        return 0
     if args.prepare_only:
         for spec, _, where, _ in plans:
             for runs_dir, extra in where.values():

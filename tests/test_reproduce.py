@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -480,5 +481,96 @@ def test_a_bad_config_is_one_error_line_and_exit_status_2(tmp_path, capsys):
                         "device=cuda"])
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert status == 2 and len(err) == 1
-    assert err[0].startswith("iif-reproduce: error: device=cuda, but CUDA is not available")
-    assert not list(tmp_path.rglob("metrics.json")) and not (tmp_path / "table.md").exists()
+    assert err[0].startswith("iif-reproduce: error: table1/single/base: device=cuda, but CUDA is not available")
+    assert not any(tmp_path.iterdir())  # found before anything was written
+
+
+def _record_commands(monkeypatch, rp) -> list[list[str]]:
+    """Replace the processes ``iif-reproduce`` starts by a record of their command lines; a tuning grid's run
+    writes the ``metrics.json`` of each grid value (all equal: the first value is chosen)."""
+    calls = []
+
+    def fake_run(cmd, check=False, env=None):
+        calls.append(list(cmd))
+        args = dict(a.split("=", 1) for a in cmd if "=" in a)
+        subdir = args.get("hydra.sweep.subdir", "")
+        if subdir.startswith("v${"):  # a tuning grid: hydra.sweep.subdir=v${KEY}, KEY=v1,v2,...
+            for value in args[subdir[3:-1]].split(","):
+                folder = Path(args["hydra.sweep.dir"]) / f"v{value}"
+                folder.mkdir(parents=True, exist_ok=True)
+                (folder / "metrics.json").write_text(json.dumps({"fid": 1.0, "reward_gap": 1.0}))
+
+    monkeypatch.setattr(rp.subprocess, "run", fake_run)
+    return calls
+
+
+def test_dry_run_prints_the_commands_a_run_starts_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """``--dry-run`` of table1 at paper scale on Slurm: every run counted (2 settings x 10 methods x 2 seeds, and a
+    grid of 5 guidance scales per setting shared by cg and cg_oracle: 50 runs), nothing written; the command lines
+    it prints are those that the same call without ``--dry-run`` starts (the processes replaced by a record; the
+    tuned value, ``<tuned>`` in the plan, is the grid's first), the preparation job's included."""
+    import shlex
+
+    import iif.reproduce as rp
+
+    call = ["table1", "--scale", "paper", "--jobs", "2", "--out", str(tmp_path / "out"), "--", "launcher=slurm",
+            "resources=gpu24", "device=cuda"]
+    calls = _record_commands(monkeypatch, rp)
+    assert reproduce([*call[:1], "--dry-run", *call[1:]]) == 0
+    out = capsys.readouterr().out
+    assert not calls and not (tmp_path / "out").exists()
+    assert "dry run: 50 runs in 22 multiruns, 2 at a time" in out
+    planned = [shlex.split(line.strip()[2:]) for line in out.splitlines() if line.strip().startswith("+ ")]
+    jobs = [line.split("one job of the launcher: ", 1)[1] for line in out.splitlines() if "one job of" in line]
+    planned += [shlex.split(job) for job in jobs]
+    assert len(jobs) == 2 and len(planned) == 24
+
+    monkeypatch.setattr(rp, "_report", lambda *a, **k: None)  # no runs to aggregate
+    assert reproduce(call) == 0
+    started = [[a.replace("method.guide.gamma=0.5", "method.guide.gamma=<tuned>") if "=0.5," not in a else a
+                for a in cmd] for cmd in calls]
+    assert sorted(map(tuple, started)) == sorted(map(tuple, planned))
+    methods = [(dict(a.split("=", 1) for a in cmd if "=" in a)) for cmd in calls if "iif.train" in cmd]
+    single = [(m["method"], m["seed"]) for m in methods if "runs/single" in m["hydra.sweep.dir"]]
+    assert sorted(single) == sorted([(m, "0,1") for m in METHODS] + [("cg", "100")])
+
+
+@pytest.mark.parametrize("call, message", [
+    (["table1", "--", "method.nonexistent=1"], "table1/single/base: Could not override 'method.nonexistent'. "
+                                               "To append to your config use +method.nonexistent=1"),
+    (["table1", "--", "sampler=nope"], "table1/single/base: In 'config': Could not find 'sampler/nope' "
+                                       "Available options in 'sampler': brownian ddim"),
+    (["table1", "--dry-run", "--", "iterations=-1"], "table1/single/base: iterations must be >= 0, got -1"),
+    (["figure1", "--", "launcher=slurm", "resources=multi_gpu"], "figure1/base: method 'base' runs in one process, "
+                                                                 "and this run has 4"),
+    (["table1", "--settings", "even", "--", "reward=gmm"], "table1/even/base: Could not override "
+                                                           "'reward.classes'"),
+])
+def test_a_bad_run_config_is_one_error_naming_the_run_before_anything_starts(tmp_path, monkeypatch, capsys, call,
+                                                                             message):
+    """Every run's config is composed and checked first: a misspelt key, an unknown option, a refused size, an
+    impossible process count is one ``iif-reproduce: error:`` line naming the first run it breaks, exit status 2;
+    no process started, no folder written."""
+    import iif.reproduce as rp
+
+    calls = _record_commands(monkeypatch, rp)
+    cut = call.index("--")
+    assert reproduce([*call[:cut], "--out", str(tmp_path / "out"), *call[cut:]]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith(f"iif-reproduce: error: {message}"), err
+    assert not calls and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("call, message", [
+    (["table1", "--", "method=iif"], "'method=iif' after --: the spec sets each run's method; choose them with "
+                                     "--methods"),
+    (["table1", "--", "seed=3"], "choose them with --seeds"),
+    (["table1", "--", "--out", "x"], "'--out' follows --: options of iif-reproduce go before --"),
+    (["table1", "--dry-run", "--skip-runs"], "--dry-run plans the runs; it goes with neither --skip-runs"),
+    (["variance", "--dry-run"], "variance is a study (a computation, not a sweep of runs): --dry-run has no runs"),
+])
+def test_a_misplaced_option_is_a_usage_error(tmp_path, capsys, call, message):
+    with pytest.raises(SystemExit) as stop:
+        reproduce([*call[:1], "--out", str(tmp_path / "out"), *call[1:]])
+    assert stop.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
