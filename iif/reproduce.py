@@ -1,6 +1,7 @@
-"""``iif-reproduce ARTIFACT``: run the sweep of ``experiments/ARTIFACT/spec.yaml`` through Hydra, aggregate the run
-directories (mean ± standard error over seeds) into ``outputs/ARTIFACT/table.md|csv`` and ``figure.png``, and
-check the paper's qualitative claims.
+"""``iif-reproduce ARTIFACT``: run the sweep of ``experiments/ARTIFACT/spec.yaml`` (read by iif/specs.py) through
+Hydra, after checking every run's config, then aggregate the run directories (mean ± standard error over seeds) into
+``outputs/ARTIFACT/table.md|csv`` and figures and check the paper's qualitative claims (iif/report.py). This module
+plans and runs: the shared preparation, the tuning grids, the multiruns in a pool of ``--jobs``, ``--dry-run``.
 
     iif-reproduce figure1                  # the 2D toy, CPU scale
     iif-reproduce figure1 --seeds 0        # quicker
@@ -14,9 +15,7 @@ import argparse
 import importlib
 import json
 import logging
-import math
 import os
-import re
 import shlex
 import subprocess
 import sys
@@ -24,64 +23,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-import torch
 from omegaconf import OmegaConf
 
-from iif.table import aggregate, load_runs, write_tables
+from iif.report import report_artifact
+from iif.specs import load_spec, method_overrides, methods_of, run_overrides, settings_of
 from iif.utils import ConfigError, RunError
-
-ROOT = Path(__file__).resolve().parent.parent
-EXPERIMENTS = ROOT / "experiments"
-
-
-def load_spec(name: str):
-    path = EXPERIMENTS / name / "spec.yaml"
-    if not path.exists():
-        known = sorted(p.parent.name for p in EXPERIMENTS.glob("*/spec.yaml"))
-        raise SystemExit(f"iif-reproduce: error: unknown artifact '{name}'; known: {', '.join(known)}")
-    spec = OmegaConf.load(path)
-    for method, where in (spec.get("only_on") or {}).items():
-        if method not in spec.methods:
-            raise SystemExit(f"iif-reproduce: error: {path}: only_on names '{method}', not one of the spec's methods")
-        unknown = [s for s in where if s not in settings_of(spec)]
-        if unknown:
-            raise SystemExit(f"iif-reproduce: error: {path}: only_on.{method} names setting '{unknown[0]}'; the spec "
-                             f"has {list(settings_of(spec))}")
-    return spec
-
-
-def methods_of(spec, setting: str) -> list[str]:
-    """The spec's methods that run on ``setting``: all but those whose ``only_on`` list leaves it out (e.g. adjoint
-    sampling, which needs a Gaussian base, only on the sampling problems)."""
-    only = spec.get("only_on") or {}
-    return [m for m in spec.methods if m not in only or setting in only[m]]
-
-
-def experiment_of(spec, scale: str) -> str:
-    """The spec's experiment preset: one name, or one per scale (``{ci: mnist_superres, paper: flowers_superres}``)."""
-    return spec.experiment if isinstance(spec.experiment, str) else spec.experiment[scale]
-
-
-def settings_of(spec) -> dict[str, list[str]]:
-    """The spec's column groups ``{name: extra overrides}`` (e.g. table1's single class and even digits); a spec
-    without ``settings`` has one unnamed group."""
-    return {str(k): list(v) for k, v in (spec.get("settings") or {"": []}).items()}
-
-
-def with_experiment(spec, scale: str, overrides: list[str]) -> list[str]:
-    """``experiment=<the spec's>`` and then ``overrides``, unless they choose the experiment themselves (the settings
-    of an artifact over several problems, e.g. logz's energies): then their choice, first (Hydra takes one value
-    per key)."""
-    own = [o for o in overrides if o.startswith("experiment=")]
-    rest = [o for o in overrides if not o.startswith("experiment=")]
-    return [own[-1] if own else f"experiment={experiment_of(spec, scale)}", *rest]
-
-
-def run_overrides(spec, scale: str, extra: list[str] = (), method_overrides: list[str] = ()) -> list[str]:
-    """The overrides of a run of the artifact at ``scale`` (besides ``method`` and ``seed``), in the order they
-    apply: the experiment (the spec's, or a setting's), the spec's, the scale's, the method's (its sizes, a tuned
-    value), then ``extra`` (a setting's and the user's: they win)."""
-    return with_experiment(spec, scale, [*spec.overrides, *spec.scales[scale], *method_overrides, *extra])
 
 
 def run_sweep(spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str],
@@ -351,115 +297,6 @@ def dry_run(plans: list[tuple], scale: str, jobs: int, checked: list[dict]) -> i
     return n_runs
 
 
-def method_overrides(spec, scale: str, method: str) -> list[str]:
-    """The spec's overrides of one method at one scale (its sizes: keys that other methods do not have)."""
-    return list(((spec.get("method_overrides") or {}).get(scale) or {}).get(method) or [])
-
-
-def finite(table) -> bool:
-    """Whether every number in a (nested) table is finite (``finite(single)`` in a claim)."""
-    if isinstance(table, dict):
-        return all(finite(v) for v in table.values())
-    return not isinstance(table, (int, float)) or math.isfinite(table)
-
-
-# what a claim's expression may call besides the tables
-CLAIM_FUNCTIONS = {"finite": finite, "all_of": all, "any_of": any, "mean_of": lambda xs: sum(xs) / len(xs),
-                   "abs": abs, "min": min, "max": max}
-
-
-def check_claims(spec, tables: dict[str, dict], scale: str | None = None) -> list[str]:
-    """Evaluate each claim's expression; lines ``PASS/FAIL claim (numbers)``. ``tables``: per setting
-    ``{metric: {method: mean}}`` (and ``curve``: the curve's summary); without settings the metrics are names of
-    the expression, else the settings are (``single['fid']['iif']``), and ``settings`` holds those that were run. A
-    claim with ``scales`` is checked at those
-    scales only (a claim about the science means nothing on a smoke scale)."""
-    names = tables.get("", {}) | {k: v for k, v in tables.items() if k}
-    names["settings"] = {k: v for k, v in tables.items() if k}  # every setting that was run (finite(settings))
-    out = []
-    for check in spec.checks:
-        if check.get("scales") and scale is not None and scale not in check.scales:
-            out.append(f"SKIP (checked at scale {', '.join(check.scales)}): {check.claim}")
-            continue
-        try:
-            # expressions come from the repo's spec; names as globals, so that comprehensions see them
-            ok = bool(eval(check.expr, {"__builtins__": {}, **CLAIM_FUNCTIONS, **names}))
-            verdict = "PASS" if ok else "FAIL"
-        except KeyError as e:
-            verdict = f"SKIP (no {e} row)"
-        except NameError as e:  # a setting that was not run (--settings)
-            verdict = f"SKIP ({e.name} not run)"
-        out.append(f"{verdict}: {check.claim} — {check.expr} ({_numbers(check.expr, names)})")
-    return out
-
-
-def _numbers(expr: str, names: dict) -> str:
-    """The values an expression reads, ``name['key']`` or ``name['key']['method']``, as ``name[key][method]=v``."""
-    nums = []
-    for name, key, sub in re.findall(r"(\w+)\['([^']+)'\](?:\['([^']+)'\])?", expr):
-        value = names.get(name, {}).get(key)
-        value = value.get(sub) if sub and isinstance(value, dict) else value
-        if isinstance(value, (int, float)):
-            nums.append(f"{name}[{key}]" + (f"[{sub}]" if sub else "") + f"={value:.4g}")
-    return ", ".join(dict.fromkeys(nums))
-
-
-def make_figure(spec, scale: str, rows: list[dict], out_path: Path, overrides: list[str]) -> None:
-    """The experiment's evaluator draws the figure: one panel per method, the samples of its first seed's run."""
-    from iif.build import build
-    from iif.config import compose
-
-    cfg, _ = compose([*with_experiment(spec, scale, [*spec.overrides, *overrides]), "logger=none"])
-    evaluator = build(cfg).evaluator
-    panels = {}
-    for r in rows:
-        runs = sorted(Path(d) for d in r["run_dirs"])
-        panels[r["method"]] = torch.load(runs[0] / "samples.pt", weights_only=True)
-    fig = evaluator.figure(panels)
-    fig.savefig(out_path, dpi=130)
-    fig.clf()
-
-
-def curve(spec, runs: list[dict], out_dir: Path) -> dict:
-    """The per-iteration curve of ``spec.curve.metric`` (logged by evaluations during training, ``eval_every``) of
-    ``spec.curve.method``: mean over seeds with its standard error (from the within-run ``se`` of each evaluation,
-    combined over seeds) written to ``curve.csv`` and ``curve.png``; a rise between consecutive evaluations counts
-    as beyond noise when it exceeds ``z`` standard errors of the difference. Returns the summary for the claims."""
-    c = spec.curve
-    series = []
-    for r in runs:
-        if r["method"] != c.method:
-            continue
-        rows = [json.loads(line) for line in (Path(r["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-        series.append({row["iteration"]: (row[c.metric], row.get(c.se, 0.0)) for row in rows if c.metric in row})
-    if not series:
-        raise SystemExit(f"iif-reproduce: error: no run of {c.method} logged {c.metric} (eval_every)")
-    iters = sorted(set.intersection(*(set(s) for s in series)))
-    if not iters:
-        raise SystemExit(f"iif-reproduce: error: the runs of {c.method} share no evaluated iteration of {c.metric} "
-                         "(set eval_every in the spec's scale)")
-    mean = [sum(s[i][0] for s in series) / len(series) for i in iters]
-    se = [math.sqrt(sum(s[i][1] ** 2 for s in series)) / len(series) for i in iters]
-    z = float(c.get("z", 2.0))
-    rises = [mean[k + 1] - mean[k] > z * math.sqrt(se[k] ** 2 + se[k + 1] ** 2) for k in range(len(iters) - 1)]
-    summary = {"rise_frac": sum(rises) / max(1, len(rises)), "first": mean[0], "last": mean[-1],
-               "n_seeds": len(series)}
-    with (out_dir / "curve.csv").open("w") as f:
-        f.write(f"iteration,{c.metric},{c.metric}_se\n")
-        f.writelines(f"{i},{m!r},{e!r}\n" for i, m, e in zip(iters, mean, se))
-    from iif.plotting import plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.errorbar(iters, mean, yerr=[2 * e for e in se], marker="o", ms=3, capsize=2)
-    ax.set_xlabel("IIF iteration")
-    ax.set_ylabel(f"{c.metric} (± 2 s.e.)")
-    ax.set_title(c.get("title", c.metric))
-    fig.tight_layout()
-    fig.savefig(out_dir / "curve.png", dpi=130)
-    plt.close(fig)
-    return summary
-
-
 def main(argv: list[str] | None = None) -> int:
     """``iif-reproduce``: a bad config or a failed step ends with one ``iif-reproduce: error:`` line (exit status 2:
     nothing was run; 1: a step failed), a failed run with a pointer to its own error above (the run printed it)."""
@@ -552,7 +389,7 @@ def _main(argv: list[str] | None = None) -> int:
                 runs_dir.mkdir(parents=True, exist_ok=True)
         run_plans([(spec, seeds, where) for spec, seeds, where, _ in plans], args.scale, args.jobs)
     for spec, seeds, where, out_dir in plans:
-        _report(spec, args.scale, seeds, where, out_dir, t0)
+        report_artifact(spec, args.scale, seeds, where, out_dir, t0)
     return 0
 
 
@@ -592,132 +429,6 @@ def _plan(p, spec, args, several: bool = False):
     where = {setting: (out_dir / "runs" / setting if setting else out_dir / "runs", [*overrides, *args.overrides])
              for setting, overrides in settings.items()}
     return spec, seeds, where, out_dir
-
-
-def _report(spec, scale: str, seeds: list[int], where: dict[str, tuple[Path, list[str]]], out_dir: Path,
-            t0: float) -> None:
-    """Aggregate one artifact's run directories: ``table.md|csv`` (mean ± s.e. over seeds), its figures, the
-    claims' PASS/FAIL lines, printed too."""
-    metrics = list(spec.metrics)
-    tables, sections, all_rows = {}, [], []
-    for setting, (runs_dir, extra) in where.items():
-        runs = [r for r in load_runs(runs_dir) if r["method"] in spec.methods and r["seed"] in seeds
-                and not Path(r["run_dir"]).parent.name.startswith("tune_")]
-        if not runs:
-            raise SystemExit(f"iif-reproduce: error: no finished runs under {runs_dir}")
-        rows = aggregate(runs, "method", metrics, order=list(spec.methods))  # rows carry their run_dirs
-        tables[setting] = {m: {r["method"]: r[m] for r in rows if m in r} for m in metrics}
-        suffix = f"_{setting}" if setting else ""
-        make_figure(spec, scale, rows, out_dir / f"figure{suffix}.png", [*spec.scales[scale], *extra])
-        if spec.get("curve"):
-            tables[setting]["curve"] = curve(spec, runs, out_dir)
-        label = f" ({setting})" if setting else ""
-        note = ""
-        if spec.get("facts"):  # the same on every run of the setting (e.g. the reference): one line
-            facts = {k: runs[0][k] for k in spec.facts if k in runs[0]}
-            note += f"\n{spec.get('facts_title', 'facts')}{label}: " + ", ".join(f"{k} = {v:.4g}" for k, v in facts.items())
-        failed = runs_dir / "failed.json"
-        if failed.exists():
-            note += f"\nfailed{label} (methods allowed to fail, spec may_fail): " + ", ".join(json.loads(failed.read_text()))
-        tuned = runs_dir / "tuned.json"
-        if tuned.exists():
-            note += f"\ntuned{label}: " + ", ".join(f"{m}: {o}" for m, o in json.loads(tuned.read_text()).items())
-        sections.append((setting, rows, note))
-        all_rows.append((setting, rows))
-    md = write_combined(all_rows, metrics, out_dir, list(spec.get("common_metrics") or []), list(spec.methods))
-    if spec.get("rank_by"):  # one metric or a list: a ranking table each, all in ranking.md
-        by = [spec.rank_by] if isinstance(spec.rank_by, str) else list(spec.rank_by)
-        ranked = "\n".join(ranking(tables, m, spec.metrics[m], list(spec.methods)) for m in by)
-        (out_dir / "ranking.md").write_text(ranked)
-        md += "\n" + ranked
-    lines = check_claims(spec, tables, scale)
-    notes = "".join(note for _, _, note in sections)
-    curve_note = ""
-    for setting, table in tables.items():
-        if "curve" in table:
-            cv = table["curve"]
-            curve_note += (f"\n{spec.curve.metric} per iteration: curve.csv, curve.png; first {cv['first']:.4g}, last "
-                           f"{cv['last']:.4g}, rose beyond noise in {cv['rise_frac']:.0%} of steps "
-                           f"({cv['n_seeds']} seeds)\n")
-    scale_note = ((spec.get("scale_notes") or {}).get(scale) or "").strip()
-    report = (f"# {spec.title}\n\nscale={scale}, seeds={seeds}, mean ± standard error over seeds\n\n"
-              + (f"**{scale_note}**\n\n" if scale_note else "") + f"{md}\n"
-              + "\n".join(lines) + "\n" + curve_note + notes + "\n")
-    (out_dir / "table.md").write_text(report)
-    print("\n" + report)
-    print(f"wrote {out_dir}/table.md, table.csv, figures in {time.perf_counter() - t0:.0f} s")
-
-
-def ranking(tables: dict[str, dict], metric: str, direction: str, methods: list[str]) -> str:
-    """Rank the methods within each setting by ``metric`` (1: best; ``direction`` lower or higher is better): a
-    markdown table. Ties share the better rank; a method without the metric in a setting is left out of that
-    setting's ranking.
-
-    Two summaries per method: its mean rank over the settings it has, and its win rate, the mean over the other
-    methods of the fraction of the settings both have where it is better (ties count half). The mean rank of a
-    method that runs on only some settings (``only_on``) averages other settings than the rest's; the win rate
-    compares every pair on the settings they share, so the rows are ordered by it (mean rank breaks ties)."""
-    settings = [k for k in tables if k]
-    sign = -1.0 if direction == "higher" else 1.0
-    scores: dict[str, dict[str, float]] = {}  # setting -> method -> value, lower is better
-    for setting in settings:
-        values = tables[setting].get(metric, {})
-        scores[setting] = {m: sign * v for m, v in values.items() if m in methods and math.isfinite(v)}
-    ranks = {m: {s: 1 + sum(v < sc[m] for v in sc.values()) for s, sc in scores.items() if m in sc} for m in methods}
-    mean = {m: sum(r.values()) / len(r) for m, r in ranks.items() if r}
-    win: dict[str, float] = {}
-    for m in mean:
-        fractions = []
-        for other in mean:
-            shared = [sc for sc in scores.values() if m in sc and other in sc]
-            if other != m and shared:
-                fractions.append(sum(1.0 if sc[m] < sc[other] else 0.5 if sc[m] == sc[other] else 0.0
-                                     for sc in shared) / len(shared))
-        win[m] = sum(fractions) / len(fractions) if fractions else math.nan
-    order = sorted(mean, key=lambda m: (-win[m] if math.isfinite(win[m]) else math.inf, mean[m]))
-    head = (f"ranking by {metric} ({direction} is better) within each setting; mean rank over the settings a method "
-            f"ran on; win rate: mean over the other methods of the share of shared settings where it is better "
-            f"(ties half), the order\n\n")
-    rows = ["| method | win rate | mean rank | " + " | ".join(settings) + " |",
-            "|---|---|---|" + "---|" * len(settings)]
-    rows += [f"| {m} | {win[m]:.2f} | {mean[m]:.2f} | " + " | ".join(str(ranks[m].get(s, "–")) for s in settings)
-             + " |" for m in order]
-    return head + "\n".join(rows) + "\n"
-
-
-def write_combined(settings_rows: list[tuple[str, list[dict]]], metrics: list[str], out_dir: Path,
-                   common: list[str] = (), order: list[str] = ()) -> str:
-    """One row per method (in ``order``, then first seen), the metrics of each setting as columns
-    ``<setting>/<metric>`` (plain names without settings): ``table.md`` and ``table.csv`` (first column ``method``).
-    ``common`` metrics (e.g. training time and memory) get one column each after them: the mean over the settings
-    (those the method ran on, ``only_on``), its standard error ``sqrt(sum se^2) / n_settings``."""
-    if len(settings_rows) == 1 and not settings_rows[0][0]:
-        return write_tables(settings_rows[0][1], "method", metrics, out_dir)
-    merged: dict[str, dict] = {}
-    columns = []
-    pooled: dict[tuple[str, str], list[tuple[float, float, int]]] = {}
-    for setting, rows in settings_rows:
-        for r in rows:
-            row = merged.setdefault(r["method"], {"method": r["method"], "n": r["n"], "_counts": {}})
-            row["n"] = min(row["n"], r["n"])
-            for m in metrics:
-                if m not in r:
-                    continue
-                if m in common:
-                    pooled.setdefault((r["method"], m), []).append((r[m], r[f"{m}_se"], r["_counts"][m]))
-                    continue
-                row[f"{setting}/{m}"], row[f"{setting}/{m}_se"] = r[m], r[f"{m}_se"]
-                row["_counts"][f"{setting}/{m}"] = r["_counts"][m]
-        columns += [f"{setting}/{m}" for m in metrics if m not in common]
-    for (method, m), values in pooled.items():
-        row = merged[method]
-        row[m] = sum(v for v, _, _ in values) / len(values)
-        row[f"{m}_se"] = math.sqrt(sum(se ** 2 for _, se, _ in values)) / len(values)
-        row["_counts"][m] = min(c for _, _, c in values)
-    columns += [m for m in metrics if m in common]
-    rank = {m: i for i, m in enumerate(order)}
-    rows = sorted(merged.values(), key=lambda r: rank.get(r["method"], len(rank)))  # stable: first seen after
-    return write_tables(rows, "method", columns, out_dir)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 
 from iif.build import build
 from iif.config import compose
-from iif.reproduce import load_spec, method_overrides, run_overrides
+from iif.specs import load_spec, method_overrides, run_overrides
 from iif.train import evaluate
 
 

@@ -32,7 +32,7 @@ def pretrained_paths(spec, scale: str, extra: list[str]) -> tuple[list[Path], li
     from iif import device as devices
     from iif.build import build
     from iif.config import compose
-    from iif.reproduce import run_overrides, settings_of
+    from iif.specs import run_overrides, settings_of
 
     paths: list[Path] = []
     off: list[str] = []
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from iif.pretrain import SHIPPED
-    from iif.reproduce import load_spec
+    from iif.specs import load_spec
 
     spec = load_spec(args.artifact)
     if args.scale not in spec.scales:

@@ -108,7 +108,7 @@ def test_every_documented_iif_reproduce_command_plans_its_runs(words, monkeypatc
     the spec's own plan, which tests/test_reproduce.py composes and builds for every scale (slow): here only its
     artifacts and scale are checked. Studies and ``--skip-runs`` have no runs to plan."""
     import iif.device
-    from iif.reproduce import load_spec
+    from iif.specs import load_spec
     from iif.reproduce import main as reproduce
 
     options = words[1:words.index("--")] if "--" in words else words[1:]

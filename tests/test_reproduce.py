@@ -180,7 +180,7 @@ def test_every_scale_of_every_spec_composes_and_builds_for_every_method(artifact
 
     from iif.build import build
     from iif.config import compose
-    from iif.reproduce import load_spec, method_overrides, methods_of, run_overrides, settings_of
+    from iif.specs import load_spec, method_overrides, methods_of, run_overrides, settings_of
 
     spec = load_spec(artifact)
     tuned = {m: f"{t.key}={t['values'][0]}" for m, t in (spec.get("tune") or {}).items()}
@@ -299,7 +299,7 @@ def test_several_artifacts_share_one_pool_and_each_writes_its_own_outputs(tmp_pa
 
     monkeypatch.setattr(rp, "run_sweep", fake_sweep)
     monkeypatch.setattr(rp, "prepare_base", lambda spec, scale, extra, job_dir: prepared.append(spec.name))
-    monkeypatch.setattr(rp, "_report", lambda spec, scale, seeds, where, out_dir, t0: reported.append(
+    monkeypatch.setattr(rp, "report_artifact", lambda spec, scale, seeds, where, out_dir, t0: reported.append(
         (spec.name, out_dir.as_posix(), sorted(where))))
     assert rp.main(["table1", "figure2", "--jobs", "2"]) == 0
     assert prepared == ["table1", "table1", "figure2"]
@@ -327,7 +327,7 @@ def test_claims_per_scale_finite_tables_and_comprehensions():
     settings (names are the expression's globals); a setting that was not run is skipped, not an error."""
     from omegaconf import OmegaConf
 
-    from iif.reproduce import check_claims
+    from iif.report import check_claims
 
     spec = OmegaConf.create({"checks": [
         {"claim": "finite", "expr": "finite(a) and finite(b)"},
@@ -351,7 +351,7 @@ def test_claims_per_scale_finite_tables_and_comprehensions():
 def test_common_metrics_are_one_column_the_mean_over_settings(tmp_path):
     """``common_metrics`` (time, memory) become one column: the mean over settings, s.e. ``sqrt(sum se^2) / n``,
     computed here by hand; the other metrics keep a column per setting."""
-    from iif.reproduce import write_combined
+    from iif.report import write_combined
 
     def row(method, r, t, t_se):
         return {"method": method, "n": 2, "r": r, "r_se": 0.1, "t": t, "t_se": t_se, "_counts": {"r": 2, "t": 2}}
@@ -375,7 +375,7 @@ def test_common_metrics_are_one_column_the_mean_over_settings(tmp_path):
 
 def test_a_setting_may_choose_its_own_experiment():
     """logz's settings are problems: their `experiment=` replaces the spec's (Hydra takes one value per key)."""
-    from iif.reproduce import load_spec, run_overrides
+    from iif.specs import load_spec, run_overrides
 
     spec = load_spec("logz")
     over = run_overrides(spec, "ci", ["experiment=sample_gmm", "seed=3"])
@@ -387,7 +387,7 @@ def test_a_setting_may_choose_its_own_experiment():
 def test_ranking_within_settings(tmp_path):
     """Ranks per setting (ties share the better rank), mean rank over settings, and the win rate (mean over the
     other methods of the share of shared settings won, ties half; worked out by hand below), the order."""
-    from iif.reproduce import ranking
+    from iif.report import ranking
 
     def order(text):
         rows = [r for r in text.splitlines() if r.startswith("| ") and "mean rank" not in r]
@@ -406,7 +406,7 @@ def test_ranking_within_settings(tmp_path):
 def test_ranking_compares_a_method_on_some_settings_only_where_it_ran():
     """w runs on setting a only (``only_on``), second there behind x and ahead of y: its mean rank (2.0) trails y's
     (1.67, from the settings w skipped), but head to head it beat y where both ran: win rates x 2/3, w 1/2, y 1/3."""
-    from iif.reproduce import ranking
+    from iif.report import ranking
 
     tables = {"a": {"d": {"x": 1.0, "w": 2.0, "y": 3.0}}, "b": {"d": {"x": 2.0, "y": 1.0}},
               "c": {"d": {"x": 2.0, "y": 1.0}}}
@@ -447,6 +447,7 @@ def test_only_on_runs_a_method_on_its_settings_only(tmp_path, monkeypatch):
     """tilts' ``only_on``: adjoint sampling (Gaussian bases only) runs on the three sampling problems and no other;
     every other method on all seven. A spec naming an unknown method or setting is refused in one line."""
     import iif.reproduce as rp
+    import iif.specs as specs
 
     ran = {}
 
@@ -459,18 +460,18 @@ def test_only_on_runs_a_method_on_its_settings_only(tmp_path, monkeypatch):
     for setting in ("on_modes", "gmm_energy"):
         with pytest.raises(SystemExit):
             rp.main(["tilts", "--settings", setting, "--out", str(tmp_path)])
-    spec = rp.load_spec("tilts")
+    spec = specs.load_spec("tilts")
     assert ran["gmm_energy"] == list(spec.methods) and "as" in spec.methods
     assert ran["on_modes"] == [m for m in spec.methods if m != "as"]
-    assert {s for s in rp.settings_of(spec) if "as" in rp.methods_of(spec, s)} == {"gmm_energy", "double_well",
+    assert {s for s in specs.settings_of(spec) if "as" in specs.methods_of(spec, s)} == {"gmm_energy", "double_well",
                                                                                     "gmm10d"}
     bad = tmp_path / "experiments"
     for only_on, message in (("{as: [hot]}", "names setting 'hot'"), ("{cg: [a]}", "names 'cg', not one of")):
         (bad / "x").mkdir(parents=True, exist_ok=True)
         (bad / "x" / "spec.yaml").write_text(f"methods: [base, as]\nsettings: {{a: []}}\nonly_on: {only_on}\n")
-        monkeypatch.setattr(rp, "EXPERIMENTS", bad)
+        monkeypatch.setattr(specs, "EXPERIMENTS", bad)
         with pytest.raises(SystemExit, match=message):
-            rp.load_spec("x")
+            specs.load_spec("x")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the error is that of a machine without CUDA")
@@ -525,7 +526,7 @@ def test_dry_run_prints_the_commands_a_run_starts_and_writes_nothing(tmp_path, m
     planned += [shlex.split(job) for job in jobs]
     assert len(jobs) == 2 and len(planned) == 24
 
-    monkeypatch.setattr(rp, "_report", lambda *a, **k: None)  # no runs to aggregate
+    monkeypatch.setattr(rp, "report_artifact", lambda *a, **k: None)  # no runs to aggregate
     assert reproduce(call) == 0
     started = [[a.replace("method.guide.gamma=0.5", "method.guide.gamma=<tuned>") if "=0.5," not in a else a
                 for a in cmd] for cmd in calls]

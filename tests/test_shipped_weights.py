@@ -14,7 +14,7 @@ import torch
 from iif.build import build
 from iif.config import compose
 from iif.pretrain import SHIPPED
-from iif.reproduce import load_spec, run_overrides, settings_of
+from iif.specs import load_spec, run_overrides, settings_of
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 from scipy.integrate import quad
 
-from iif.reproduce import load_spec
+from iif.specs import load_spec
 from iif.reproduce import main as reproduce
 from iif.studies import variance as V
 
