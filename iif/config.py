@@ -1,6 +1,7 @@
 """The composed config of a run (``conf/``) and what it says about the run: its name, tags and derived sizes."""
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import hydra
@@ -11,14 +12,16 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from iif import distributed
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+_COMPOSING = threading.Lock()
 # run and sweep directories are named by the start time; in a run of several processes rank 0's (iif.distributed)
 OmegaConf.register_new_resolver("iif.now", lambda pattern: distributed.start_time().strftime(pattern),
                                 use_cache=True, replace=True)
 
 
 def compose(overrides: list[str] = ()) -> tuple[DictConfig, dict[str, str]]:
-    """Compose the config as ``iif-train`` would (for scripts and tests): returns (config, chosen options)."""
-    with hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    """Compose the config as ``iif-train`` would (for scripts and tests): returns (config, chosen options). Safe in
+    threads (``iif-reproduce``'s pool): Hydra's state is one per process, so one composition at a time."""
+    with _COMPOSING, hydra.initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = hydra.compose("config", overrides=list(overrides), return_hydra_config=True)
     choices = dict(cfg.hydra.runtime.choices)
     with open_dict(cfg):

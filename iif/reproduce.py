@@ -51,20 +51,24 @@ def sweep_command(spec, scale: str, seeds: list[int], runs_dir: Path, extra: lis
             f"hydra.sweep.subdir={subdir or '${hydra:runtime.choices.method}_seed${seed}'}"]
 
 
-def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None = None) -> dict[str, str]:
+def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None = None,
+         reevaluate: bool = False) -> dict[str, str]:
     """Choose the parameter of each method of ``spec.tune`` by its criterion: one run per grid value of the tuning
     method (``tune.<m>.method``, default ``m``) with the tuning seed (not one of the reported seeds), then the value
-    whose ``metric`` is best. Runs sharing a grid are made once. Returns ``{method: "key=value"}``, also written to
-    ``runs_dir/tuned.json``."""
+    whose ``metric`` is best. Runs sharing a grid are made once, and a grid value already :func:`finished` is not
+    run again unless ``reevaluate``. Returns ``{method: "key=value"}``, also written to ``runs_dir/tuned.json``."""
     chosen, done = {}, set()
     for method, t in (spec.get("tune") or {}).items():
         if method not in spec.methods:  # not run (--methods)
             continue
         grid = tuning_grid(spec, scale, runs_dir, method)
         folder, values = grid["runs_dir"], [str(v) for v in t["values"]]
-        if (grid["methods"][0], t.key) not in done and not all((folder / f"v{v}" / "metrics.json").exists()
-                                                               for v in values):
-            run_sweep(spec, scale, extra=extra, threads=threads, **grid)
+        if (grid["methods"][0], t.key) not in done:
+            todo = [v for v in values if reevaluate or not finished(
+                folder / f"v{v}", spec, scale, extra, grid["methods"][0], grid["seeds"][0],
+                tuning_grid(spec, scale, runs_dir, method, [v])["method_overrides"])]
+            if todo:
+                run_sweep(spec, scale, extra=extra, threads=threads, **tuning_grid(spec, scale, runs_dir, method, todo))
         done.add((grid["methods"][0], t.key))
         scores = {v: json.loads((folder / f"v{v}" / "metrics.json").read_text())[t.metric] for v in values}
         pick = (min if t.get("goal", "min") == "min" else max)(scores, key=scores.get)
@@ -76,16 +80,33 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None
     return chosen
 
 
-def tuning_grid(spec, scale: str, runs_dir: Path, method: str) -> dict:
+def tuning_grid(spec, scale: str, runs_dir: Path, method: str, values: list[str] | None = None) -> dict:
     """The multirun of ``method``'s tuning grid (``spec.tune``): :func:`run_sweep`'s arguments but ``extra`` and
-    ``threads``: the grid method (``tune.<m>.method``, default ``m``) with its own sizes and every grid value, the
-    tuning seed, run directories ``<runs_dir>/tune_<grid method>/v<value>``."""
+    ``threads``: the grid method (``tune.<m>.method``, default ``m``) with its own sizes and every grid value (or
+    ``values``), the tuning seed, run directories ``<runs_dir>/tune_<grid method>/v<value>``."""
     t = spec.tune[method]
     grid_method = t.get("method", method)
-    values = ",".join(str(v) for v in t["values"])
+    values = ",".join(str(v) for v in (t["values"] if values is None else values))
     return {"seeds": [int(t.get("seed", 100))], "runs_dir": (runs_dir / f"tune_{grid_method}").resolve(),
             "methods": [grid_method], "subdir": f"v${{{t.key}}}",
             "method_overrides": [*method_overrides(spec, scale, grid_method), f"{t.key}={values}"]}
+
+
+def finished(run_dir: Path, spec, scale: str, extra: list[str], method: str, seed: int,
+             own: list[str] = ()) -> bool:
+    """Whether ``run_dir`` holds a finished run (its ``metrics.json``) of the artifact's run of ``method`` and
+    ``seed`` (its method overrides ``own``), the same config but for the keys a resumed run may change
+    (``iif.run_dir.RESUME_FREE``: threads, device, logger...). ``iif-reproduce`` does not start such a run again: it
+    would resume from its final checkpoint and evaluate again, to the same numbers. A finished run of another config
+    is started, and refuses to resume, naming the keys that differ."""
+    from iif.config import compose
+    from iif.run_dir import config_changes
+
+    if not (run_dir / "metrics.json").exists() or not (run_dir / "config.yaml").exists():
+        return False
+    cfg, _ = compose([f"method={method}", f"seed={seed}", *run_overrides(spec, scale, extra, own)])
+    saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    return not config_changes(saved, OmegaConf.to_container(cfg, resolve=True))
 
 
 def prepare_base(spec, scale: str, extra: list[str], job_dir: Path) -> None:
@@ -127,7 +148,7 @@ def run_settings(spec, scale: str, seeds: list[int], settings: dict[str, tuple[P
     run_plans([(spec, seeds, settings)], scale, jobs)
 
 
-def run_plans(plans: list[tuple], scale: str, jobs: int) -> None:
+def run_plans(plans: list[tuple], scale: str, jobs: int, reevaluate: bool = False) -> None:
     """The runs of one or more artifacts, ``plans``: ``(spec, seeds, settings)`` each, ``settings``
     ``{name: (runs_dir, extra overrides)}``. Pretraining and references first, setting after setting (what they
     share is made once); then the settings' tuning grids and method multiruns (each method with its own sizes,
@@ -138,7 +159,11 @@ def run_plans(plans: list[tuple], scale: str, jobs: int) -> None:
     With ``jobs > 1``, ``jobs`` multiruns at a time, each one process with one torch thread running its seeds in
     turn, so that one multirun's start-up overlaps another's compute (a joblib pool per multirun left the cores idle
     between multiruns). A multirun is a method (one start-up for its seeds) when there are at least two methods per
-    job, else a single run (figure2's two methods: no core idles while one method's seeds run in turn)."""
+    job, else a single run (figure2's two methods: no core idles while one method's seeds run in turn).
+
+    A run whose directory holds a finished run of its config is not started again (``reevaluate``: it is, and
+    evaluates again), so a reproduction stopped part way, or one with a failed run, is completed by the same
+    command."""
     for spec, _, settings in plans:
         for runs_dir, extra in settings.values():
             prepare_base(spec, scale, extra, runs_dir / "prepare")
@@ -152,7 +177,7 @@ def run_plans(plans: list[tuple], scale: str, jobs: int) -> None:
                 own = OmegaConf.merge(spec, {"methods": methods_of(spec, name)})
                 failures[runs_dir.resolve()] = []
                 for label, future in _submit_setting(pool, own, scale, seeds, runs_dir.resolve(), extra, jobs,
-                                                     threads, failures[runs_dir.resolve()]):
+                                                     threads, failures[runs_dir.resolve()], reevaluate):
                     prefix = "/".join(part for part in (spec.name if len(plans) > 1 else "", name) if part)
                     labels[future] = f"{prefix}: {label}" if prefix else label
         futures = list(labels)
@@ -171,22 +196,28 @@ def run_plans(plans: list[tuple], scale: str, jobs: int) -> None:
 
 
 def _submit_setting(pool, spec, scale: str, seeds: list[int], runs_dir: Path, extra: list[str], jobs: int,
-                    threads: int | None, failures: list[str]) -> list[tuple[str, object]]:
+                    threads: int | None, failures: list[str], reevaluate: bool = False) -> list[tuple[str, object]]:
     """Submit one setting's tuning grid, then its untuned methods' multiruns, then its tuned ones (whose worker
     waits for the tuning, which was submitted before them: it has started or finished by then). Returns
     ``(label, future)`` pairs (the tuning's only when the spec tunes something); a run of a ``may_fail`` method that
-    fails is appended to ``failures`` instead of raising."""
+    fails is appended to ``failures`` instead of raising. A run already :func:`finished` with its config is left
+    out of its multirun (a multirun left with none is not started), unless ``reevaluate``."""
     tuned = set(spec.get("tune") or {})
     may_fail = set(spec.get("may_fail") or [])
     tasks = multiruns(spec, seeds, jobs)
     (runs_dir / "failed.json").unlink(missing_ok=True)
-    tuning = pool.submit(tune, spec, scale, runs_dir, extra, threads)
+    tuning = pool.submit(tune, spec, scale, runs_dir, extra, threads, reevaluate)
 
     def run_task(method: str, task_seeds: list[int]) -> None:
         own = [*method_overrides(spec, scale, method), *([tuning.result()[method]] if method in tuned else [])]
+        todo = [seed for seed in task_seeds
+                if reevaluate or not finished(runs_dir / f"{method}_seed{seed}", spec, scale, extra, method, seed, own)]
+        if not todo:
+            print(f"iif-reproduce: {method} seed {','.join(map(str, task_seeds))} in {runs_dir} finished with this "
+                  "config: not run again (--reevaluate to evaluate it again)", flush=True)
+            return
         try:
-            run_sweep(spec, scale, task_seeds, runs_dir, extra, methods=[method], method_overrides=own,
-                      threads=threads)
+            run_sweep(spec, scale, todo, runs_dir, extra, methods=[method], method_overrides=own, threads=threads)
         except subprocess.CalledProcessError:
             if method not in may_fail:
                 raise
@@ -247,17 +278,19 @@ def check_runs(spec, scale: str, where: dict[str, tuple[Path, list[str]]]) -> di
     return configs
 
 
-def dry_run(plans: list[tuple], scale: str, jobs: int, checked: list[dict]) -> int:
+def dry_run(plans: list[tuple], scale: str, jobs: int, checked: list[dict], reevaluate: bool = False) -> int:
     """``--dry-run``: what :func:`run_plans` would do, from the configs :func:`check_runs` composed: per setting the
-    preparation, the tuning grids, each method's sizes, then every multirun's command line (a tuned value as
-    ``<tuned>``). Returns the number of runs."""
+    preparation, the tuning grids, each method's sizes and its runs already :func:`finished` (a tuned method's under
+    the value its setting's last tuning chose, ``tuned.json``), then the command line of every multirun that would
+    start (a tuned value as ``<tuned>``). Returns the number of runs that would start."""
     from iif.config import derived_sizes
 
-    n_runs = n_multiruns = 0
+    n_todo = n_done = n_multiruns = 0
     threads = 1 if jobs > 1 else None
     for (spec, seeds, where, _), configs in zip(plans, checked):
         tune = spec.get("tune") or {}
         for setting, (runs_dir, extra) in where.items():
+            runs_dir = runs_dir.resolve()
             methods = methods_of(spec, setting)
             cfg, choices = configs[setting, methods[0]]
             label = "/".join(part for part in (spec.name, setting) if part)
@@ -265,36 +298,59 @@ def dry_run(plans: list[tuple], scale: str, jobs: int, checked: list[dict]) -> i
                   f"{cfg.get('device', 'cpu')}, launcher {choices.get('hydra/launcher')}; runs in {runs_dir}")
             job = prepare_command(spec, scale, extra, runs_dir / "prepare", choices)
             print("  prepare (pretraining and references, cached): "
-                  + ("in this process" if job is None else "one job of the launcher: " + " ".join(job)))
+                  + ("in this process" if job is None else "one job of the launcher: " + shlex.join(job)))
+            chosen = json.loads((runs_dir / "tuned.json").read_text()) if (runs_dir / "tuned.json").exists() else {}
+
+            def done(method: str, seed: int, own: list[str], run_dir: Path) -> bool:
+                return not reevaluate and finished(run_dir, spec, scale, extra, method, seed, own)
+
             grids = {}  # tuned methods sharing a grid share its runs
             for method, t in tune.items():
                 if method in methods:
                     grid = tuning_grid(spec, scale, runs_dir, method)
-                    grids.setdefault((grid["methods"][0], t.key), (grid, []))[1].append(
+                    grids.setdefault((grid["methods"][0], t.key), (method, grid, []))[2].append(
                         f"{method} by {t.metric} ({t.get('goal', 'min')})")
             commands = []
-            for (grid_method, key), (grid, chooses) in grids.items():
-                values = grid["method_overrides"][-1].split("=", 1)[1]
-                print(f"  tuning grid: {grid_method} {key} = {values} (seed {grid['seeds'][0]}): "
-                      f"{len(values.split(','))} runs; chooses {'; '.join(chooses)}")
-                commands.append(sweep_command(spec, scale, extra=extra, threads=threads, **grid))
-                n_runs += len(values.split(","))
+            for (grid_method, key), (method, grid, chooses) in grids.items():
+                values = [str(v) for v in tune[method]["values"]]
+                todo = [v for v in values if not done(grid_method, grid["seeds"][0], tuning_grid(
+                    spec, scale, runs_dir, method, [v])["method_overrides"], grid["runs_dir"] / f"v{v}")]
+                print(f"  tuning grid: {grid_method} {key} = {','.join(values)} (seed {grid['seeds'][0]}): "
+                      f"{len(values)} runs; chooses {'; '.join(chooses)}" + _finished_note(len(values) - len(todo)))
+                if todo:
+                    commands.append(sweep_command(spec, scale, extra=extra, threads=threads,
+                                                  **tuning_grid(spec, scale, runs_dir, method, todo)))
+                n_todo, n_done = n_todo + len(todo), n_done + len(values) - len(todo)
+            todo = {}
+            for method in methods:
+                known = method not in tune or method in chosen  # a tuned method's value is known once tuned
+                own = [*method_overrides(spec, scale, method), *([chosen[method]] if method in tune and known else [])]
+                todo[method] = [seed for seed in seeds
+                                if not known or not done(method, seed, own, runs_dir / f"{method}_seed{seed}")]
             width = max(map(len, methods))
             for method in methods:
                 tuned = f"; {tune[method].key} tuned" if method in tune else ""
                 print(f"  {method:<{width}}  seeds {','.join(map(str, seeds))}: "
-                      f"{derived_sizes(configs[setting, method][0])}{tuned}")
-            n_runs += len(methods) * len(seeds)
-            own = OmegaConf.merge(spec, {"methods": methods})
-            for method, task_seeds in multiruns(own, seeds, jobs):
+                      f"{derived_sizes(configs[setting, method][0])}{tuned}"
+                      + _finished_note(len(seeds) - len(todo[method])))
+                n_todo, n_done = n_todo + len(todo[method]), n_done + len(seeds) - len(todo[method])
+            own_spec = OmegaConf.merge(spec, {"methods": methods})
+            for method, task_seeds in multiruns(own_spec, seeds, jobs):
+                start = [seed for seed in task_seeds if seed in todo[method]]
                 tuned = [f"{tune[method].key}=<tuned>"] if method in tune else []
-                commands.append(sweep_command(spec, scale, task_seeds, runs_dir.resolve(), extra, [method],
-                                              [*method_overrides(spec, scale, method), *tuned], threads=threads))
+                if start:
+                    commands.append(sweep_command(spec, scale, start, runs_dir, extra, [method],
+                                                  [*method_overrides(spec, scale, method), *tuned], threads=threads))
             print("".join(f"  + {shlex.join(cmd)}\n" for cmd in commands), end="")
             n_multiruns += len(commands)
-    print(f"\niif-reproduce: dry run: {n_runs} runs in {n_multiruns} multiruns, {max(1, jobs)} at a time; every "
-          "run's config composed and checked (sizes, pairing); nothing was run or written")
-    return n_runs
+    print(f"\niif-reproduce: dry run: {n_todo} runs in {n_multiruns} multiruns, {max(1, jobs)} at a time"
+          + (f" ({n_done} more finished with this config: not run again)" if n_done else "")
+          + "; every run's config composed and checked (sizes, pairing); nothing was run or written")
+    return n_todo
+
+
+def _finished_note(n: int) -> str:
+    return f" ({n} finished: not run again)" if n else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,6 +383,9 @@ def _main(argv: list[str] | None = None) -> int:
                    help="comma-separated methods to run and tabulate, e.g. iif (default: the spec's)")
     p.add_argument("--settings", default=None,
                    help="comma-separated settings (column groups) to run, e.g. table2's rabbit (default: all)")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="start runs that finished with the same config again (they resume from their final "
+                        "checkpoint and evaluate again); by default they are left as they are")
     p.add_argument("--dry-run", action="store_true",
                    help="compose and check every run's config, print the plan (the preparation, tuning grids, each "
                         "method's sizes, every command line) and stop: nothing runs, nothing is written")
@@ -374,7 +433,7 @@ def _main(argv: list[str] | None = None) -> int:
     if not args.skip_runs:  # every run's config, before anything is written or started
         checked = [check_runs(spec, args.scale, where) for spec, _, where, _ in plans]
     if args.dry_run:
-        dry_run(plans, args.scale, args.jobs, checked)
+        dry_run(plans, args.scale, args.jobs, checked, args.reevaluate)
         return 0
     if args.prepare_only:
         for spec, _, where, _ in plans:
@@ -387,7 +446,7 @@ def _main(argv: list[str] | None = None) -> int:
         for _, _, where, _ in plans:
             for runs_dir, _ in where.values():
                 runs_dir.mkdir(parents=True, exist_ok=True)
-        run_plans([(spec, seeds, where) for spec, seeds, where, _ in plans], args.scale, args.jobs)
+        run_plans([(spec, seeds, where) for spec, seeds, where, _ in plans], args.scale, args.jobs, args.reevaluate)
     for spec, seeds, where, out_dir in plans:
         report_artifact(spec, args.scale, seeds, where, out_dir, t0)
     return 0

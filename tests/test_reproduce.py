@@ -142,6 +142,20 @@ def test_tuning_picks_the_grid_value_by_its_criterion(tmp_path, monkeypatch):
     assert len(calls) == 1 and calls[0][0] == ["cg"] and calls[0][2] == [100]  # one grid, a seed not reported
     assert json.loads((tmp_path / "tuned.json").read_text()) == chosen
 
+    # the grid's runs as iif-train leaves them (their resolved config), one of them lost: only that one runs again
+    from omegaconf import OmegaConf
+
+    from iif.config import compose
+
+    for v in values:
+        cfg, _ = compose(["method=cg", "seed=100", *rp.run_overrides(spec, "ci", [], [f"method.guide.gamma={v}"])])
+        (tmp_path / "tune_cg" / f"v{v}" / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (tmp_path / "tune_cg" / f"v{values[1]}" / "metrics.json").unlink()
+    assert rp.tune(spec, "ci", tmp_path, []) == chosen
+    assert len(calls) == 2 and calls[1][1] == [f"method.guide.gamma={values[1]}"]
+    assert rp.tune(spec, "ci", tmp_path, [], reevaluate=True) == chosen
+    assert len(calls) == 3 and calls[2][1] == [f"method.guide.gamma={','.join(values)}"]
+
 
 def test_figure2_smoke_scale_runs_the_pipeline(tmp_path, fake_mnist, cli_env):
     """`iif-reproduce figure2 --scale smoke`: pretraining, both methods, per-iteration evaluations, the curve."""
@@ -575,3 +589,63 @@ def test_a_misplaced_option_is_a_usage_error(tmp_path, capsys, call, message):
         reproduce([*call[:1], "--out", str(tmp_path / "out"), *call[1:]])
     assert stop.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_finished_compares_the_saved_config_but_for_the_keys_a_resume_may_change(tmp_path):
+    """A run directory with ``metrics.json`` and the ``config.yaml`` of the same run is finished, also when it ran with
+    other threads or another logger (keys a resume may change); another seed or a changed size is not, nor a run
+    without ``metrics.json``."""
+    from omegaconf import OmegaConf
+
+    from iif.config import compose
+    from iif.reproduce import finished
+    from iif.specs import load_spec, method_overrides, run_overrides
+
+    spec = load_spec("figure1")
+    own = method_overrides(spec, "ci", "iif")
+    cfg, _ = compose(["method=iif", "seed=0", *run_overrides(spec, "ci", ["logger=none"], own), "torch_threads=1"])
+    (tmp_path / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))  # as iif-train writes it
+    assert not finished(tmp_path, spec, "ci", [], "iif", 0, own)  # not finished yet
+    (tmp_path / "metrics.json").write_text("{}")
+    assert finished(tmp_path, spec, "ci", [], "iif", 0, own)  # the spec's logger, all threads
+    assert not finished(tmp_path, spec, "ci", [], "iif", 1, own)
+    assert not finished(tmp_path, spec, "ci", ["iterations=3"], "iif", 0, own)
+
+
+@pytest.mark.slow
+def test_a_second_call_completes_a_reproduction_and_leaves_finished_runs_alone(tmp_path, capfd, cli_env,
+                                                                               monkeypatch):
+    """figure1 at debug sizes, then the same call after one run's directory was lost (a reproduction stopped part
+    way): only that run is made again (as ``--dry-run`` says), the finished one is not even evaluated again (its
+    files untouched); with ``--reevaluate`` it is, to the same numbers; with a changed size the finished run
+    refuses to resume, naming the key."""
+    for key, value in cli_env.items():
+        monkeypatch.setenv(key, value)
+    call = ["figure1", "--methods", "base,iif", "--seeds", "0", "--out", str(tmp_path), "--", "debug=fast",
+            "logger=none"]
+    assert reproduce(call) == 0
+    base, lost = tmp_path / "runs" / "base_seed0", tmp_path / "runs" / "iif_seed0"
+    kept = {f: (base / f).stat().st_mtime_ns for f in ("metrics.json", "metrics.jsonl", "checkpoint.pt")}
+    numbers = json.loads((base / "metrics.json").read_text())
+    import shutil
+
+    shutil.rmtree(lost)
+    capfd.readouterr()
+    assert reproduce([call[0], "--dry-run", *call[1:]]) == 0  # the plan says so too
+    plan = capfd.readouterr().out
+    assert "dry run: 1 runs in 1 multiruns, 1 at a time (1 more finished with this config: not run again)" in plan
+    assert "base  seeds 0: 20 sampling steps; no training (1 finished: not run again)" in plan
+    assert reproduce(call) == 0
+    out = capfd.readouterr().out
+    assert "base seed 0 in" in out and "finished with this config: not run again" in out
+    assert (lost / "metrics.json").exists()
+    assert {f: (base / f).stat().st_mtime_ns for f in kept} == kept
+
+    assert reproduce([call[0], "--reevaluate", *call[1:]]) == 0
+    assert (base / "metrics.json").stat().st_mtime_ns != kept["metrics.json"]
+    again = json.loads((base / "metrics.json").read_text())
+    assert {k: again[k] for k in ("mode_tv", "reward_mean")} == {k: numbers[k] for k in ("mode_tv", "reward_mean")}
+
+    capfd.readouterr()
+    assert reproduce([*call, "iterations=3"]) == 1
+    assert "holds a checkpoint of a run with other settings (iterations: 20 -> 3)" in capfd.readouterr().err
