@@ -64,9 +64,7 @@ def tune(spec, scale: str, runs_dir: Path, extra: list[str], threads: int | None
         grid = tuning_grid(spec, scale, runs_dir, method)
         folder, values = grid["runs_dir"], [str(v) for v in t["values"]]
         if (grid["methods"][0], t.key) not in done:
-            todo = [v for v in values if reevaluate or not finished(
-                folder / f"v{v}", spec, scale, extra, grid["methods"][0], grid["seeds"][0],
-                tuning_grid(spec, scale, runs_dir, method, [v])["method_overrides"])]
+            todo = grid_to_run(spec, scale, runs_dir, extra, method, reevaluate)
             if todo:
                 run_sweep(spec, scale, extra=extra, threads=threads, **tuning_grid(spec, scale, runs_dir, method, todo))
         done.add((grid["methods"][0], t.key))
@@ -90,6 +88,22 @@ def tuning_grid(spec, scale: str, runs_dir: Path, method: str, values: list[str]
     return {"seeds": [int(t.get("seed", 100))], "runs_dir": (runs_dir / f"tune_{grid_method}").resolve(),
             "methods": [grid_method], "subdir": f"v${{{t.key}}}",
             "method_overrides": [*method_overrides(spec, scale, grid_method), f"{t.key}={values}"]}
+
+
+def grid_to_run(spec, scale: str, runs_dir: Path, extra: list[str], method: str, reevaluate: bool) -> list[str]:
+    """The values of ``method``'s tuning grid to run: those not :func:`finished` (all with ``reevaluate``)."""
+    grid = tuning_grid(spec, scale, runs_dir, method)
+    return [str(v) for v in spec.tune[method]["values"] if reevaluate or not finished(
+        grid["runs_dir"] / f"v{v}", spec, scale, extra, grid["methods"][0], grid["seeds"][0],
+        tuning_grid(spec, scale, runs_dir, method, [v])["method_overrides"])]
+
+
+def seeds_to_run(spec, scale: str, runs_dir: Path, extra: list[str], method: str, seeds: list[int],
+                 own: list[str], reevaluate: bool) -> list[int]:
+    """The ``seeds`` of ``method`` (its overrides ``own``) to run: those not :func:`finished` (all with
+    ``reevaluate``)."""
+    return [seed for seed in seeds
+            if reevaluate or not finished(runs_dir / f"{method}_seed{seed}", spec, scale, extra, method, seed, own)]
 
 
 def finished(run_dir: Path, spec, scale: str, extra: list[str], method: str, seed: int,
@@ -210,8 +224,7 @@ def _submit_setting(pool, spec, scale: str, seeds: list[int], runs_dir: Path, ex
 
     def run_task(method: str, task_seeds: list[int]) -> None:
         own = [*method_overrides(spec, scale, method), *([tuning.result()[method]] if method in tuned else [])]
-        todo = [seed for seed in task_seeds
-                if reevaluate or not finished(runs_dir / f"{method}_seed{seed}", spec, scale, extra, method, seed, own)]
+        todo = seeds_to_run(spec, scale, runs_dir, extra, method, task_seeds, own, reevaluate)
         if not todo:
             print(f"iif-reproduce: {method} seed {','.join(map(str, task_seeds))} in {runs_dir} finished with this "
                   "config: not run again (--reevaluate to evaluate it again)", flush=True)
@@ -300,10 +313,6 @@ def dry_run(plans: list[tuple], scale: str, jobs: int, checked: list[dict], reev
             print("  prepare (pretraining and references, cached): "
                   + ("in this process" if job is None else "one job of the launcher: " + shlex.join(job)))
             chosen = json.loads((runs_dir / "tuned.json").read_text()) if (runs_dir / "tuned.json").exists() else {}
-
-            def done(method: str, seed: int, own: list[str], run_dir: Path) -> bool:
-                return not reevaluate and finished(run_dir, spec, scale, extra, method, seed, own)
-
             grids = {}  # tuned methods sharing a grid share its runs
             for method, t in tune.items():
                 if method in methods:
@@ -313,8 +322,7 @@ def dry_run(plans: list[tuple], scale: str, jobs: int, checked: list[dict], reev
             commands = []
             for (grid_method, key), (method, grid, chooses) in grids.items():
                 values = [str(v) for v in tune[method]["values"]]
-                todo = [v for v in values if not done(grid_method, grid["seeds"][0], tuning_grid(
-                    spec, scale, runs_dir, method, [v])["method_overrides"], grid["runs_dir"] / f"v{v}")]
+                todo = grid_to_run(spec, scale, runs_dir, extra, method, reevaluate)
                 print(f"  tuning grid: {grid_method} {key} = {','.join(values)} (seed {grid['seeds'][0]}): "
                       f"{len(values)} runs; chooses {'; '.join(chooses)}" + _finished_note(len(values) - len(todo)))
                 if todo:
@@ -325,8 +333,7 @@ def dry_run(plans: list[tuple], scale: str, jobs: int, checked: list[dict], reev
             for method in methods:
                 known = method not in tune or method in chosen  # a tuned method's value is known once tuned
                 own = [*method_overrides(spec, scale, method), *([chosen[method]] if method in tune and known else [])]
-                todo[method] = [seed for seed in seeds
-                                if not known or not done(method, seed, own, runs_dir / f"{method}_seed{seed}")]
+                todo[method] = seeds_to_run(spec, scale, runs_dir, extra, method, seeds, own, reevaluate or not known)
             width = max(map(len, methods))
             for method in methods:
                 tuned = f"; {tune[method].key} tuned" if method in tune else ""
